@@ -1,0 +1,227 @@
+"""The ``EffectiveLRMonitor`` callback: Lightning glue around :mod:`lightning_wd.effective_lr`."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from lightning_wd.decay import local_tensor
+from lightning_wd.effective_lr import (
+    STATS,
+    effective_lr_from_state,
+    histogram_median,
+    log10_histogram,
+    summary_stats,
+)
+from lightning_wd.naming import optimizer_names
+
+SUPPORTED = (torch.optim.Adam, torch.optim.AdamW)
+
+
+def _shard_groups(p: Tensor) -> tuple[Any, ...]:
+    """The process groups over which the ``DTensor`` ``p`` is sharded; ``()`` for a whole tensor."""
+    placements = getattr(p, "placements", None)
+    if placements is None or not dist.is_available() or not dist.is_initialized():
+        return ()
+    mesh = p.device_mesh
+    return tuple(mesh.get_group(d) for d, pl_ in enumerate(placements) if pl_.is_shard())
+
+
+class EffectiveLRMonitor(Callback):
+    r"""Log the learning rate that Adam and AdamW (AMSGrad too) really apply, per parameter and per param group.
+
+    Adam's update is :math:`p \leftarrow p - \eta\, \hat m / (\sqrt{\hat v} + \epsilon)`; the effective learning
+    rate of each element is :math:`\eta / (\sqrt{\hat v} + \epsilon)` (with ``max_exp_avg_sq`` as :math:`v` under
+    AMSGrad). On each logging step the callback summarizes it, right after the optimizer step, with the lr that
+    step used, and logs through ``trainer.loggers``:
+
+    - ``effective_lr/{param_name}/{min,max,mean,median}`` for every parameter (``named_parameters()`` names);
+    - ``effective_lr/{optimizer}/pg{i}/{min,max,mean,median}`` over all elements of param group ``i``;
+    - with ``log_histogram=True``, a TensorBoard histogram ``effective_lr/{param_name}/log10``.
+
+    ``{optimizer}`` is the class name, with ``-k`` for its k-th repeat (``Adam``, ``Adam-1``). ``median`` is the lower
+    median. Nothing is computed on other steps; on a logging step the statistics are computed on the device and
+    reach the host in one transfer. For parameters sharded across processes (FSDP2 ``DTensor``), every rank takes
+    part: ``min``, ``max`` and ``mean`` are exact over the whole parameter, and ``median`` comes from a histogram of
+    ``log10`` values summed across ranks, within a relative error of
+    :func:`lightning_wd.effective_lr.histogram_median_rel_error` (0.58%). Only rank 0's loggers write.
+
+    Optimizers other than ``torch.optim.Adam``/``AdamW`` get one warning naming them and are skipped.
+
+    Args:
+        log_every_n_steps: log every this many optimizer steps; ``None`` follows ``Trainer(log_every_n_steps=...)``.
+        per_parameter: log the statistics of each parameter.
+        per_group: log the statistics of each param group.
+        log_histogram: also log a histogram of ``log10(effective lr)`` per parameter to TensorBoard loggers.
+
+    Raises:
+        ValueError: if ``log_every_n_steps`` is not a positive int or None, or nothing is selected to log.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_wd import EffectiveLRMonitor
+        >>> trainer = Trainer(callbacks=[EffectiveLRMonitor(log_every_n_steps=10)])
+    """
+
+    def __init__(
+        self,
+        log_every_n_steps: int | None = None,
+        per_parameter: bool = True,
+        per_group: bool = True,
+        log_histogram: bool = False,
+    ) -> None:
+        if log_every_n_steps is not None and (
+            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
+        ):
+            raise ValueError(f"`log_every_n_steps` must be a positive int or None, got {log_every_n_steps!r}.")
+        if not (per_parameter or per_group):
+            raise ValueError("At least one of `per_parameter` and `per_group` must be True.")
+        self.log_every_n_steps = log_every_n_steps
+        self.per_parameter = per_parameter
+        self.per_group = per_group
+        self.log_histogram = log_histogram
+        self._names: dict[int, str] = {}
+        self._handles: list[RemovableHandle] = []
+        self._pending: list[tuple[list[str], Tensor]] = []
+        self._histograms: list[tuple[str, Tensor]] = []
+        self._trainer: pl.Trainer | None = None
+
+    # --- set-up -------------------------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+        self._trainer = trainer
+        self._names = {id(p): name for name, p in pl_module.named_parameters()}
+        unsupported = sorted({type(o).__name__ for o in trainer.optimizers if not isinstance(o, SUPPORTED)})
+        if unsupported:
+            rank_zero_warn(
+                f"EffectiveLRMonitor skips {', '.join(unsupported)}: it reads the state of torch.optim.Adam and"
+                " AdamW (amsgrad on or off) only. For SGD the effective lr is the lr itself: use LearningRateMonitor."
+            )
+        for name, opt in zip(optimizer_names(trainer.optimizers), trainer.optimizers):
+            if isinstance(opt, SUPPORTED):
+                self._handles.append(opt.register_step_post_hook(self._make_hook(name)))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._pending.clear()
+        self._histograms.clear()
+
+    # --- on each optimizer step ---------------------------------------------------------------------------------
+    def _should_log(self) -> bool:
+        trainer = self._trainer
+        if trainer is None or not trainer.loggers:  # the same on every rank, so no rank skips a collective
+            return False
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        if not every:
+            return False
+        # `+ 1`: the step counter moves on after this batch, as in Lightning's own `should_update_logs`
+        return (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % every == 0
+
+    def _make_hook(self, opt_name: str) -> Any:
+        def hook(optimizer: Optimizer, args: tuple, kwargs: dict) -> None:
+            if self._should_log():
+                with torch.no_grad():
+                    self._collect(opt_name, optimizer)
+
+        return hook
+
+    def _collect(self, opt_name: str, optimizer: Optimizer) -> None:
+        for gi, group in enumerate(optimizer.param_groups):
+            params = [p for p in group["params"] if "exp_avg_sq" in optimizer.state.get(p, {})]
+            if not params:
+                continue
+            effs = []
+            for p in params:
+                state = {k: local_tensor(v) if isinstance(v, Tensor) else v for k, v in optimizer.state[p].items()}
+                effs.append(effective_lr_from_state(state, group))
+            prefix = f"effective_lr/{opt_name}/pg{gi}"
+            shard_groups = [_shard_groups(p) for p in params]
+            if any(shard_groups):
+                self._collect_sharded(prefix, params, effs, shard_groups)
+                continue
+            names = [self._names.get(id(p), f"{opt_name}/pg{gi}/param{i}") for i, p in enumerate(params)]
+            if self.per_parameter:
+                self._pending.append(
+                    ([f"effective_lr/{n}/{s}" for n in names for s in STATS], torch.cat([summary_stats(e) for e in effs]))
+                )
+            if self.per_group:
+                flat = torch.cat([e.flatten() for e in effs])
+                self._pending.append(([f"{prefix}/{s}" for s in STATS], summary_stats(flat)))
+            if self.log_histogram:
+                self._histograms.extend((f"effective_lr/{n}/log10", e) for n, e in zip(names, effs))
+
+    def _collect_sharded(
+        self, prefix: str, params: list[Tensor], effs: list[Tensor], shard_groups: list[tuple[Any, ...]]
+    ) -> None:
+        """Whole-parameter statistics of sharded parameters: every rank reduces its shards' partial statistics.
+
+        Each rank runs this for the same parameters in the same order, with the same collectives, also when its
+        shard is empty (its partials are then the identities: +inf, -inf, 0, 0 and an empty histogram).
+        """
+        device = effs[0].device
+        inf = torch.tensor(float("inf"), device=device, dtype=torch.float64)
+        mins = torch.stack([e.min().double() if e.numel() else inf for e in effs])
+        maxs = torch.stack([e.max().double() if e.numel() else -inf for e in effs])
+        sums = torch.stack(
+            [torch.stack([e.double().sum(), torch.tensor(float(e.numel()), device=device, dtype=torch.float64)])
+             for e in effs]
+        )
+        hists = torch.stack([log10_histogram(e) for e in effs])
+        # parameters of one model share one mesh, so one set of collectives covers them all
+        for pg in shard_groups[0]:
+            dist.all_reduce(mins, op=dist.ReduceOp.MIN, group=pg)
+            dist.all_reduce(maxs, op=dist.ReduceOp.MAX, group=pg)
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=pg)
+            dist.all_reduce(hists, op=dist.ReduceOp.SUM, group=pg)
+        means = sums[:, 0] / sums[:, 1].clamp(min=1)
+        medians = torch.stack([histogram_median(h) for h in hists])
+        if self.per_parameter:
+            stats = torch.stack([mins, maxs, means, medians], dim=1).flatten().float()
+            names = [self._names.get(id(p), f"{prefix}/param{i}") for i, p in enumerate(params)]
+            self._pending.append(([f"effective_lr/{n}/{s}" for n in names for s in STATS], stats))
+        if self.per_group:
+            group_stats = torch.stack(
+                [mins.min(), maxs.max(), sums[:, 0].sum() / sums[:, 1].sum().clamp(min=1), histogram_median(hists.sum(0))]
+            ).float()
+            self._pending.append(([f"{prefix}/{s}" for s in STATS], group_stats))
+
+    # --- after the batch: one transfer, then the loggers ---------------------------------------------------------
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if not self._pending and not self._histograms:
+            return
+        by_device: dict[torch.device, list[tuple[list[str], Tensor]]] = defaultdict(list)
+        for keys, values in self._pending:
+            by_device[values.device].append((keys, values))
+        metrics: dict[str, float] = {}
+        for entries in by_device.values():
+            values = torch.cat([v for _, v in entries]).tolist()  # the one device-to-host transfer
+            keys = [k for ks, _ in entries for k in ks]
+            metrics.update(zip(keys, values))
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+                if isinstance(logger, TensorBoardLogger):
+                    for tag, e in self._histograms:
+                        logger.experiment.add_histogram(tag, torch.log10(e.float()), global_step=step)
+        self._pending.clear()
+        self._histograms.clear()

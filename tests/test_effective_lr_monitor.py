@@ -1,0 +1,308 @@
+"""EffectiveLRMonitor against an independent reference computed from the optimizer's state in the test."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import math
+import os
+from collections import defaultdict
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_wd import EffectiveLRMonitor, WeightDecay
+from lightning_wd.effective_lr import effective_lr_from_state
+
+
+class Net(L.LightningModule):
+    def __init__(self, make_opt, scheduler: bool = False) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(4, 16)
+        self.head = torch.nn.Linear(16, 1)
+        self.make_opt = make_opt
+        self.scheduler = scheduler
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.head(torch.tanh(self.body(x))), y)
+
+    def configure_optimizers(self):
+        opt = self.make_opt(self)
+        if not self.scheduler:
+            return opt
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.3)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def loader(n: int = 96, batch_size: int = 8) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g)
+    y = x[:, :1] * 3 + 0.1 * torch.randn(n, 1, generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+class Reference(Callback):
+    """Records ``lr / (sqrt(v / (1 - beta2^t)) + eps)`` in float64 from the optimizer state after every step."""
+
+    def __init__(self) -> None:
+        self.per_step: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
+
+    def on_fit_start(self, trainer, pl_module):
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+
+        def hook(opt, args, kwargs):
+            step = trainer.fit_loop.epoch_loop._batches_that_stepped
+            for gi, group in enumerate(opt.param_groups):
+                b2, eps, lr = group["betas"][1], group["eps"], group["lr"]
+                flat = []
+                for p in group["params"]:
+                    s = opt.state[p]
+                    v = (s["max_exp_avg_sq"] if group["amsgrad"] else s["exp_avg_sq"]).double()
+                    t = float(s["step"])
+                    ref = lr / (torch.sqrt(v / (1 - b2**t)) + eps)
+                    self.per_step[step][names[id(p)]] = ref
+                    flat.append(ref.flatten())
+                self.per_step[step][f"{type(opt).__name__}/pg{gi}"] = torch.cat(flat)
+
+        for opt in trainer.optimizers:
+            opt.register_step_post_hook(hook)
+
+
+def read_metrics(log_dir: str) -> dict[int, dict[str, float]]:
+    paths = glob.glob(os.path.join(log_dir, "**", "metrics.csv"), recursive=True)
+    rows: dict[int, dict[str, float]] = defaultdict(dict)
+    if not paths:  # CSVLogger writes no file when nothing was logged
+        return rows
+    (path,) = paths
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            step = int(row.pop("step"))
+            rows[step].update({k: float(v) for k, v in row.items() if v not in ("", None)})
+    return rows
+
+
+def lower_median(x: torch.Tensor) -> float:
+    s, _ = torch.sort(x.flatten())
+    return s[(s.numel() - 1) // 2].item()
+
+
+CONFIGS = {
+    "adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-2),
+    "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1),
+    "amsgrad": lambda m: torch.optim.Adam(m.parameters(), lr=1e-2, amsgrad=True),
+    "two_groups": lambda m: torch.optim.AdamW(
+        [{"params": m.body.parameters(), "lr": 3e-2}, {"params": m.head.parameters(), "lr": 1e-3, "eps": 1e-6}]
+    ),
+}
+
+
+@pytest.mark.parametrize("scheduler", [False, True], ids=["const_lr", "steplr"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_logged_statistics_match_reference_at_every_logged_step(tmp_path, config, scheduler):
+    ref = Reference()
+    trainer = L.Trainer(
+        max_steps=12,
+        log_every_n_steps=3,
+        logger=CSVLogger(tmp_path),
+        callbacks=[EffectiveLRMonitor(), ref],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Net(CONFIGS[config], scheduler), loader())
+    logged = read_metrics(str(tmp_path))
+    steps = sorted(s for s in logged if any(k.startswith("effective_lr/") for k in logged[s]))
+    assert steps == [2, 5, 8, 11]
+    for step in steps:
+        for name, ref_values in ref.per_step[step].items():
+            key = f"effective_lr/{name}"
+            expected = {
+                "min": ref_values.min().item(),
+                "max": ref_values.max().item(),
+                "mean": ref_values.mean().item(),
+                "median": lower_median(ref_values),
+            }
+            for stat, value in expected.items():
+                # the monitor computes in fp32, the reference in fp64: a few ulps of fp32 apart
+                assert logged[step][f"{key}/{stat}"] == pytest.approx(value, rel=1e-5), (step, key, stat)
+    if scheduler:  # the logged value follows the lr of the step it describes, not the next step's lr
+        lrs = [ref.per_step[s]["AdamW/pg0" if config != "adam" and config != "amsgrad" else "Adam/pg0"] for s in steps]
+        assert lrs[0].max() > lrs[-1].max()
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_effective_lr_reproduces_the_real_update(amsgrad, weight_decay):
+    """p_before * (1 - lr * wd) - p_after == effective_lr * m_hat, elementwise, for every step."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(50))
+    opt = torch.optim.AdamW([w], lr=5e-2, weight_decay=weight_decay, amsgrad=amsgrad, betas=(0.8, 0.95))
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+    for _ in range(15):
+        w.grad = torch.randn(50) * torch.rand(50) * 10
+        before = w.detach().clone()
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        state, group = opt.state[w], opt.param_groups[0]
+        m_hat = state["exp_avg"] / (1 - group["betas"][0] ** float(state["step"]))
+        predicted = effective_lr_from_state(state, group) * m_hat
+        actual = before * (1 - lr * weight_decay) - w.detach()
+        torch.testing.assert_close(actual, predicted, rtol=1e-4, atol=1e-7)
+        sched.step()
+
+
+def test_amsgrad_rate_never_increases_while_adams_does():
+    """With a constant lr, AMSGrad's per-element ``lr / sqrt(max_exp_avg_sq)`` never rises; Adam's does."""
+    torch.manual_seed(0)
+    rates = {}
+    for amsgrad in (False, True):
+        w = torch.nn.Parameter(torch.zeros(100))
+        opt = torch.optim.Adam([w], lr=1e-2, amsgrad=amsgrad)
+        g = torch.Generator().manual_seed(1)
+        history = []
+        for t in range(60):
+            scale = 10.0 if t < 20 else 0.1  # large gradients first, then small ones
+            w.grad = torch.randn(100, generator=g) * scale
+            opt.step()
+            v = opt.state[w]["max_exp_avg_sq" if amsgrad else "exp_avg_sq"]
+            history.append(1e-2 / v.sqrt())
+        rates[amsgrad] = torch.stack(history)
+    assert (rates[True][1:] <= rates[True][:-1]).all()
+    assert (rates[False][1:] > rates[False][:-1]).any()
+
+
+def test_nothing_is_computed_on_steps_that_do_not_log(tmp_path, monkeypatch):
+    import lightning_wd.effective_lr_monitor as mod
+
+    calls = []
+    real = mod.effective_lr_from_state
+    monkeypatch.setattr(mod, "effective_lr_from_state", lambda *a, **k: calls.append(1) or real(*a, **k))
+    n_params = 4
+    trainer = L.Trainer(
+        max_steps=10,
+        log_every_n_steps=50,
+        logger=CSVLogger(tmp_path),
+        callbacks=[EffectiveLRMonitor(log_every_n_steps=5)],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Net(CONFIGS["adam"]), loader())
+    assert len(calls) == 2 * n_params  # steps 4 and 9 only
+    assert sorted(s for s, r in read_metrics(str(tmp_path)).items() if r) == [4, 9]
+
+
+def test_one_host_transfer_per_logging_step(tmp_path, monkeypatch):
+    """All numbers of a logging step reach the host through one ``tolist()`` and no ``item()``."""
+    counts = {"tolist": 0, "item": 0}
+    real_tolist, real_item = torch.Tensor.tolist, torch.Tensor.item
+
+    class Spy(EffectiveLRMonitor):
+        def on_train_batch_end(self, *args, **kwargs):
+            def tolist(t):
+                counts["tolist"] += 1
+                return real_tolist(t)
+
+            def item(t):
+                counts["item"] += 1
+                return real_item(t)
+
+            with monkeypatch.context() as m:
+                m.setattr(torch.Tensor, "tolist", tolist)
+                m.setattr(torch.Tensor, "item", item)
+                super().on_train_batch_end(*args, **kwargs)
+
+    trainer = L.Trainer(
+        max_steps=6,
+        log_every_n_steps=3,
+        logger=CSVLogger(tmp_path),
+        callbacks=[Spy()],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Net(CONFIGS["two_groups"]), loader())
+    assert counts == {"tolist": 2, "item": 0}
+
+
+def test_unsupported_optimizer_warns_once_and_training_goes_on(tmp_path):
+    trainer = L.Trainer(
+        max_steps=4,
+        log_every_n_steps=1,
+        logger=CSVLogger(tmp_path),
+        callbacks=[EffectiveLRMonitor()],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    with pytest.warns(UserWarning, match=r"EffectiveLRMonitor skips SGD") as record:
+        trainer.fit(Net(lambda m: torch.optim.SGD(m.parameters(), lr=0.1)), loader())
+    assert sum("EffectiveLRMonitor" in str(w.message) for w in record) == 1
+    assert trainer.global_step == 4
+    assert not any(k.startswith("effective_lr/") for r in read_metrics(str(tmp_path)).values() for k in r)
+
+
+def test_several_optimizers_are_named_by_class_and_repeat(tmp_path):
+    class TwoOpt(Net):
+        def __init__(self):
+            super().__init__(None)
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            for opt in self.optimizers():
+                opt.zero_grad()
+            loss = super().training_step(batch, batch_idx)
+            self.manual_backward(loss)
+            for opt in self.optimizers():
+                opt.step()
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.body.parameters(), lr=1e-2), torch.optim.Adam(self.head.parameters(), lr=1e-3)
+
+    trainer = L.Trainer(
+        max_steps=4,  # two optimizer steps per batch in manual optimization
+        log_every_n_steps=2,
+        logger=CSVLogger(tmp_path),
+        callbacks=[EffectiveLRMonitor()],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(TwoOpt(), loader())
+    row = read_metrics(str(tmp_path))[1]
+    assert {"effective_lr/Adam/pg0/median", "effective_lr/Adam-1/pg0/median"} <= set(row)
+    assert {"effective_lr/body.weight/max", "effective_lr/head.weight/max"} <= set(row)
+
+
+def test_histogram_of_log10_effective_lr_in_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = L.Trainer(
+        max_steps=4,
+        log_every_n_steps=2,
+        logger=TensorBoardLogger(tmp_path),
+        callbacks=[EffectiveLRMonitor(log_histogram=True), WeightDecay(weight_decay=0.01)],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Net(CONFIGS["adam"]), loader())
+    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"histograms": 0})
+    acc.Reload()
+    assert "effective_lr/body.weight/log10" in acc.Tags()["histograms"]
+    events = acc.Histograms("effective_lr/body.weight/log10")
+    assert [e.step for e in events] == [1, 3]
+    h = events[-1].histogram_value
+    assert h.num == 64 and -4 < h.min <= h.max < math.log10(2.0)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"log_every_n_steps": 0}, "log_every_n_steps"),
+                                           ({"per_parameter": False, "per_group": False}, "per_parameter")])
+def test_bad_arguments_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EffectiveLRMonitor(**kwargs)
