@@ -8,8 +8,8 @@ Example::
 
     >>> import torch
     >>> v = torch.tensor([1e-4, 1e-8])
-    >>> adam_effective_lr(v, step=1, lr=1e-3, beta2=0.999, eps=1e-8)
-    tensor([0.1000, 9.9010])
+    >>> adam_effective_lr(v, step=1, lr=1e-3, beta2=0.0, eps=1e-8)  # beta2=0: v_hat = v
+    tensor([0.1000, 9.9990])
 """
 
 from __future__ import annotations
