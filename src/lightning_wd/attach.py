@@ -36,7 +36,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
+
 from lightning_wd.decay import add_l2_to_grads_, decay_weights_
+from lightning_wd.low_precision import LOW_PRECISION, decay_is_lost, decay_weights_stochastic_, smallest_safe_decay
 from lightning_wd.modes import Mode, check_lr_max, check_mode, check_weight_decay
 
 #: param-group key that holds the decay taken over from ``weight_decay``
@@ -73,6 +76,7 @@ class AttachedWeightDecay:
         exclude: Iterable[Tensor] = (),
         lr_max: float | None = None,
         native: bool = True,
+        stochastic_rounding: bool = False,
     ) -> None:
         if calls_closure_repeatedly(optimizer):
             raise ValueError(
@@ -85,8 +89,13 @@ class AttachedWeightDecay:
         self.weight_decay = check_weight_decay(weight_decay)
         self.lr_max = check_lr_max(lr_max)
         self.native = native
+        self.stochastic_rounding = bool(stochastic_rounding)
         self._excluded = {id(p) for p in exclude}
         self._native_groups: list[dict[str, Any]] = []
+        # per param group (by id; a resume brings new group dicts): (its dtypes, whether it holds excluded params)
+        self._group_info: dict[int, tuple[frozenset[torch.dtype], bool]] = {}
+        self._last_decay: dict[int, float] = {}
+        self._warned: set[tuple[int, torch.dtype]] = set()
         self.take_over()
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
@@ -129,11 +138,22 @@ class AttachedWeightDecay:
         self.detach()
 
     # --- per step ----------------------------------------------------------------------------------------------
+    def _info(self, group: dict[str, Any]) -> tuple[frozenset[torch.dtype], bool]:
+        info = self._group_info.get(id(group))
+        if info is None:
+            params = group["params"]
+            info = (frozenset(p.dtype for p in params), any(id(p) in self._excluded for p in params))
+            self._group_info[id(group)] = info
+        return info
+
     def _uses_native(self, group: dict[str, Any]) -> bool:
         if not self.native or type(self.optimizer) not in _NATIVE_OPTIMIZERS or "decoupled_weight_decay" not in group:
             return False
-        if self._excluded and any(id(p) in self._excluded for p in group["params"]):
+        dtypes, has_excluded = self._info(group)
+        if has_excluded:
             return False  # the optimizer's decay is per group; exclusions need the per-parameter pass
+        if self.stochastic_rounding and dtypes & set(LOW_PRECISION):
+            return False
         # AdamW forces its flag back to True on load; coupled decay for it goes through the generic pass
         return self.mode != "coupled" or type(self.optimizer) is torch.optim.Adam
 
@@ -141,12 +161,43 @@ class AttachedWeightDecay:
         wd = group[WD_KEY]
         return wd / group[LR_MAX_KEY] if self.mode == "independent" else wd
 
+    def per_step_decay(self, group: dict[str, Any]) -> float | Tensor:
+        """The factor ``x`` of this step's ``p *= 1 - x`` for ``group`` (decoupled and independent modes)."""
+        if self.mode == "independent":
+            return group["lr"] / group[LR_MAX_KEY] * group[WD_KEY]
+        return group["lr"] * group[WD_KEY]
+
+    def check_precision(self) -> None:
+        """Warn for every group whose decay rounds away in its weights' dtype (also done before every step)."""
+        if self.mode != "coupled" and not self.stochastic_rounding:
+            for index, group in enumerate(self.optimizer.param_groups):
+                if group[WD_KEY] != 0:
+                    self._check_precision(index, group)
+
+    def _check_precision(self, index: int, group: dict[str, Any]) -> None:
+        """Warn once per group and dtype when rounding would swallow the decay (at the start and at lr changes)."""
+        x = self.per_step_decay(group)
+        if isinstance(x, Tensor) or self._last_decay.get(id(group)) == x:
+            return  # a tensor lr is not read on the host: that would sync the device
+        self._last_decay[id(group)] = x
+        for dtype in self._info(group)[0]:
+            if decay_is_lost(x, dtype) and (index, dtype) not in self._warned:
+                self._warned.add((index, dtype))
+                rank_zero_warn(
+                    f"lightning_wd: param group {index} of {type(self.optimizer).__name__} holds {dtype} weights and"
+                    f" decays them by {x:.3g} per step (lr * weight_decay), below {smallest_safe_decay(dtype):.3g},"
+                    f" the smallest decay {dtype} can apply to every weight: most of the decay rounds away. Pass"
+                    " `stochastic_rounding=True` to keep it, or keep fp32 master weights (e.g. bf16-mixed)."
+                )
+
     def _pre_step(self, optimizer: Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         self.take_over()
         generic = []
-        for group in optimizer.param_groups:
+        for index, group in enumerate(optimizer.param_groups):
             if group[WD_KEY] == 0:
                 continue
+            if self.mode != "coupled" and not self.stochastic_rounding:
+                self._check_precision(index, group)
             if self._uses_native(group):
                 self._native_groups.append({"group": group, "flag": group["decoupled_weight_decay"]})
                 group["weight_decay"] = self._native_weight_decay(group)
@@ -202,10 +253,10 @@ class AttachedWeightDecay:
             if self.mode == "coupled":
                 grads = [p.grad for p in params]
                 add_l2_to_grads_(params, grads, -wd if group.get("maximize", False) else wd, grad_scale)
-            elif self.mode == "decoupled":
-                decay_weights_(params, group["lr"], wd, skip=found_inf)
             else:
-                decay_weights_(params, group["lr"] / group[LR_MAX_KEY], wd, skip=found_inf)
+                lr = group["lr"] if self.mode == "decoupled" else group["lr"] / group[LR_MAX_KEY]
+                decay = decay_weights_stochastic_ if self.stochastic_rounding else decay_weights_
+                decay(params, lr, wd, skip=found_inf)
 
 
 def attach_weight_decay(
@@ -215,6 +266,7 @@ def attach_weight_decay(
     exclude: Iterable[Tensor] = (),
     lr_max: float | None = None,
     native: bool = True,
+    stochastic_rounding: bool = False,
 ) -> AttachedWeightDecay:
     """Take over the weight decay of ``optimizer`` and apply it in ``mode`` on every step.
 
@@ -229,6 +281,9 @@ def attach_weight_decay(
             schedulers) or its lr when first seen.
         native: let ``torch.optim.Adam``/``AdamW`` apply the decay inside their own kernel (same result, no extra
             pass); other optimizers always use the separate foreach pass.
+        stochastic_rounding: decay bf16/fp16 weights with stochastic rounding, so that a per-step decay smaller than
+            the format's resolution is not rounded away (see :mod:`lightning_wd.low_precision`). Without it, such a
+            lost decay is reported with a warning, once per group and dtype.
 
     Returns:
         A handle whose ``detach()`` removes the hooks and restores the optimizer's own ``weight_decay``.
@@ -244,4 +299,4 @@ def attach_weight_decay(
         >>> opt.param_groups[0]["weight_decay"]
         0.5
     """
-    return AttachedWeightDecay(optimizer, mode, weight_decay, exclude, lr_max, native)
+    return AttachedWeightDecay(optimizer, mode, weight_decay, exclude, lr_max, native, stochastic_rounding)

@@ -42,6 +42,9 @@ class WeightDecay(Callback):
         lr_max: reference lr of ``mode="independent"``; ``None`` takes each group's initial lr.
         native: let ``torch.optim.Adam``/``AdamW`` apply the decay inside their own foreach/fused kernel (same
             result, no extra pass over the weights). Other optimizers always use a separate foreach pass.
+        stochastic_rounding: decay bf16/fp16 weights (``precision="bf16-true"``) with stochastic rounding, so that a
+            per-step decay ``lr * wd`` below the format's resolution (bf16: ``2**-8``) is not rounded away. Without
+            it, such a lost decay is reported with a warning at fit start and whenever the lr makes it so.
         log_weight_decay: log the decay applied, as ``weight_decay/{optimizer}/pg{i}``, at every logging step.
             ``None`` (default) does so when a ``LearningRateMonitor(log_weight_decay=True)`` is present, since that
             monitor reads the optimizer's own ``weight_decay``, which this callback has set to 0.
@@ -67,6 +70,7 @@ class WeightDecay(Callback):
         exclude_bias_and_norm: bool = False,
         lr_max: float | None = None,
         native: bool = True,
+        stochastic_rounding: bool = False,
         log_weight_decay: bool | None = None,
     ) -> None:
         self.mode = check_mode(mode)
@@ -77,6 +81,7 @@ class WeightDecay(Callback):
         self.exclude_bias_and_norm = bool(exclude_bias_and_norm)
         self.lr_max = check_lr_max(lr_max)
         self.native = bool(native)
+        self.stochastic_rounding = bool(stochastic_rounding)
         self.log_weight_decay = log_weight_decay
         self._attached: list[AttachedWeightDecay] = []
         self._log = False
@@ -95,9 +100,13 @@ class WeightDecay(Callback):
             rank_zero_info(format_exclusions(excluded, total=len(named)))
         self._detach()
         self._attached = [
-            AttachedWeightDecay(opt, self.mode, self.weight_decay, excluded.values(), self.lr_max, self.native)
+            AttachedWeightDecay(
+                opt, self.mode, self.weight_decay, excluded.values(), self.lr_max, self.native, self.stochastic_rounding
+            )
             for opt in trainer.optimizers
         ]
+        for attached in self._attached:
+            attached.check_precision()
         if all(g[WD_KEY] == 0 for a in self._attached for g in a.optimizer.param_groups):
             rank_zero_warn(
                 "WeightDecay found no decay to apply: every param group has `weight_decay=0` and the `weight_decay`"
