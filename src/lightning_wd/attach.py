@@ -49,12 +49,32 @@ LR_MAX_KEY = "lightning_wd_lr_max"
 
 _NATIVE_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
 
-__all__ = ["AttachedWeightDecay", "LR_MAX_KEY", "WD_KEY", "attach_weight_decay", "calls_closure_repeatedly"]
+__all__ = [
+    "AttachedWeightDecay",
+    "LR_MAX_KEY",
+    "WD_KEY",
+    "attach_weight_decay",
+    "calls_closure_repeatedly",
+    "unwrap_optimizer",
+]
 
 
 def calls_closure_repeatedly(optimizer: Optimizer) -> bool:
     """Whether ``optimizer`` evaluates its closure several times in one ``step()`` (LBFGS does)."""
     return isinstance(optimizer, torch.optim.LBFGS)
+
+
+def unwrap_optimizer(optimizer: Any) -> Optimizer:
+    """The ``torch.optim.Optimizer`` inside Lightning's ``LightningOptimizer`` or Fabric's ``_FabricOptimizer``."""
+    inner = optimizer
+    while inner is not None and not isinstance(inner, Optimizer):
+        inner = getattr(inner, "optimizer", None)  # both wrappers expose the wrapped optimizer as `.optimizer`
+    if inner is None:
+        raise TypeError(
+            "`optimizer` must be a torch.optim.Optimizer (or a Lightning/Fabric wrapper of one),"
+            f" got {type(optimizer).__name__}."
+        )
+    return inner
 
 
 def _closure_of(args: tuple, kwargs: dict) -> tuple[Callable[[], Any] | None, bool]:
@@ -78,6 +98,7 @@ class AttachedWeightDecay:
         native: bool = True,
         stochastic_rounding: bool = False,
     ) -> None:
+        optimizer = unwrap_optimizer(optimizer)
         if calls_closure_repeatedly(optimizer):
             raise ValueError(
                 f"{type(optimizer).__name__} evaluates its closure several times per step, so a decay applied after"
@@ -271,7 +292,8 @@ def attach_weight_decay(
     """Take over the weight decay of ``optimizer`` and apply it in ``mode`` on every step.
 
     Args:
-        optimizer: any ``torch.optim.Optimizer`` whose ``step()`` evaluates its closure at most once.
+        optimizer: any ``torch.optim.Optimizer`` whose ``step()`` evaluates its closure at most once, or the
+            optimizer that ``fabric.setup(...)`` returns.
         mode: ``"decoupled"`` (``p -= lr * wd * p``, AdamW), ``"coupled"`` (``grad += wd * p``, L2 as in
             ``Adam(weight_decay=...)``) or ``"independent"`` (``p -= (lr / lr_max) * wd * p``, decay that follows the
             lr schedule but not the lr's size).
