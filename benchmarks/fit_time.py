@@ -1,0 +1,122 @@
+"""``Trainer.fit`` step time on an optimizer-bound model: Adam + WeightDecay against AdamW, foreach and fused.
+
+The model is a stack of wide ``Linear`` layers fed a batch of 4, so the optimizer's passes over the weights, not the
+matmuls, dominate a step. Every configuration runs in the same process, round-robin, several times; the reported
+number is each configuration's mean step time (after warm-up steps) as a ratio to AdamW with the same
+implementation (foreach or fused), median over the rounds.
+
+    python benchmarks/fit_time.py                   # CPU (or --device cuda); --quick for a short run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_wd import EffectiveLRMonitor, WeightDecay
+
+
+class StepTimer(Callback):
+    """Mean wall time of the training steps after ``warmup`` steps (device-synchronized)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.stamps: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+
+    @property
+    def mean_step(self) -> float:
+        s = self.stamps[self.warmup :]
+        return (s[-1] - s[0]) / (len(s) - 1)
+
+
+class Wide(L.LightningModule):
+    def __init__(self, make_opt: Callable, width: int, depth: int) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(depth)])
+        self.make_opt = make_opt
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return self.make_opt(self.parameters())
+
+
+def configs(fused: bool) -> dict[str, tuple[Callable, list[Callable[[], Callback]]]]:
+    impl = {"fused": True} if fused else {"foreach": True}
+    tag = "fused" if fused else "foreach"
+    adamw = lambda p: torch.optim.AdamW(p, lr=1e-4, weight_decay=0.01, **impl)  # noqa: E731
+    adam = lambda p: torch.optim.Adam(p, lr=1e-4, weight_decay=0.01, **impl)  # noqa: E731
+    return {
+        f"AdamW({tag})": (adamw, []),
+        f"Adam({tag}) + WeightDecay": (adam, [lambda: WeightDecay()]),
+        f"Adam({tag}) + WeightDecay(native=False)": (adam, [lambda: WeightDecay(native=False)]),
+        f"Adam({tag}) + WeightDecay(mode='coupled')": (adam, [lambda: WeightDecay(mode="coupled")]),
+        f"AdamW({tag}) + EffectiveLRMonitor (every 50)": (adamw, [lambda: EffectiveLRMonitor()]),
+        f"AdamW({tag}) + EffectiveLRMonitor (every step)": (adamw, [lambda: EffectiveLRMonitor(log_every_n_steps=1)]),
+    }
+
+
+def run(make_opt, callbacks, args, log_dir: str) -> float:
+    torch.manual_seed(0)
+    timer = StepTimer(args.warmup)
+    trainer = L.Trainer(
+        accelerator=args.device, devices=1, max_steps=args.steps, logger=CSVLogger(log_dir), log_every_n_steps=50,
+        callbacks=[*(c() for c in callbacks), timer], enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    data = DataLoader(TensorDataset(torch.randn(args.steps * 4, args.width)), batch_size=4)
+    trainer.fit(Wide(make_opt, args.width, args.depth), data)
+    return timer.mean_step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--width", type=int, default=1024)
+    ap.add_argument("--depth", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=110)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="3 rounds of 40 steps")
+    args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.steps = 3, 40
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    n = args.width * (args.width + 1) * args.depth
+    print(f"device={args.device} model={args.depth}x Linear({args.width}) = {n / 1e6:.1f}M params, batch 4, "
+          f"{args.steps} steps ({args.warmup} warm-up), {args.rounds} rounds")
+    with tempfile.TemporaryDirectory() as log_dir:
+        for fused in (False, True):
+            cfgs = configs(fused)
+            times: dict[str, list[float]] = {k: [] for k in cfgs}
+            for _ in range(args.rounds):
+                for name, (make_opt, cbs) in cfgs.items():
+                    times[name].append(run(make_opt, cbs, args, log_dir))
+            ref_name = next(iter(cfgs))
+            print(f"\n{'configuration':48s} {'ms/step':>8s} {'ratio to ' + ref_name:>22s}")
+            for name, ts in times.items():
+                ratio = statistics.median(t / r for t, r in zip(ts, times[ref_name]))
+                print(f"{name:48s} {statistics.median(ts) * 1e3:8.2f} {ratio:22.3f}")
+
+
+if __name__ == "__main__":
+    main()

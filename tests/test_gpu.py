@@ -1,0 +1,139 @@
+"""CUDA: the same equivalences as on CPU, no host-device sync on a training step, batched kernel launches.
+
+Skipped without CUDA (CI has none); run them on a CUDA machine: ``python -m pytest -q tests/test_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_wd import EffectiveLRMonitor, WeightDecay, attach_weight_decay
+from lightning_wd.decay import decay_weights_
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def loop(make_opt, mode=None, native=True, steps=10, scaler=None, inf_at=()):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).cuda()
+    opt = make_opt(model.parameters())
+    if mode:
+        attach_weight_decay(opt, mode=mode, native=native)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for i in range(steps):
+        x = torch.randn(16, 32, device="cuda", generator=g)
+        opt.zero_grad()
+        with torch.autocast("cuda", dtype=torch.float16, enabled=scaler is not None):
+            loss = model(x).float().pow(2).mean() * (float("inf") if i in inf_at else 1.0)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+IMPLS = pytest.mark.parametrize("impl", [{"foreach": True}, {"fused": True}], ids=["foreach", "fused"])
+NATIVE = pytest.mark.parametrize("native", [True, False], ids=["native", "generic"])
+
+
+@IMPLS
+@NATIVE
+def test_cuda_decoupled_is_adamw(impl, native):
+    ours = loop(lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.1, **impl), "decoupled", native)
+    ref = loop(lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1, **impl))
+    if "foreach" in impl or native:
+        assert torch.equal(ours, ref)
+    else:  # a separate decay pass before the fused kernel: the kernel's own decay rounds in its own order
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
+
+
+@IMPLS
+@NATIVE
+def test_cuda_coupled_is_adam_l2(impl, native):
+    ours = loop(lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1, **impl), "coupled", native)
+    ref = loop(lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.1, **impl))
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
+
+
+@IMPLS
+@NATIVE
+def test_cuda_16_mixed_skipped_step_is_not_decayed(impl, native):
+    make = lambda cls: lambda p: cls(p, lr=0.01, weight_decay=0.1, **impl)  # noqa: E731
+    ours = loop(make(torch.optim.Adam), "decoupled", native, scaler=torch.amp.GradScaler("cuda"), inf_at=(3,))
+    ref = loop(make(torch.optim.AdamW), scaler=torch.amp.GradScaler("cuda"), inf_at=(3,))
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
+
+
+class Tiny(L.LightningModule):
+    def __init__(self, cls, **opt_kwargs) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
+        self.cls, self.opt_kwargs = cls, opt_kwargs
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch[0]).float().pow(2).mean()
+
+    def configure_optimizers(self):
+        return self.cls(self.parameters(), lr=0.01, weight_decay=0.1, **self.opt_kwargs)
+
+
+def fit(module, precision="32-true", callbacks=(), strategy="auto", steps=8, sync_check=False):
+    class SyncCheck(L.Callback):
+        """Turns any host-device sync into an error from after backward to the batch's end: the window in which
+        both callbacks work (decay, optimizer step hooks, the monitor's step hook)."""
+
+        def on_before_optimizer_step(self, trainer, *args):
+            if trainer.global_step >= 2:  # after the first steps, which initialise the optimizer state
+                torch.cuda.set_sync_debug_mode("error")
+
+        def on_train_batch_end(self, *args):
+            torch.cuda.set_sync_debug_mode(0)
+
+    torch.manual_seed(0)
+    trainer = L.Trainer(accelerator="cuda", devices=1, precision=precision, strategy=strategy, max_steps=steps,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[*callbacks, *([SyncCheck()] if sync_check else [])])
+    data = DataLoader(TensorDataset(torch.randn(8 * steps, 32)), batch_size=8)
+    try:
+        trainer.fit(module, data)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return torch.cat([p.detach().float().flatten().cpu() for p in module.parameters()])
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_cuda_trainer_decoupled_is_adamw(precision):
+    ours = fit(Tiny(torch.optim.Adam, foreach=True), precision, [WeightDecay()])
+    ref = fit(Tiny(torch.optim.AdamW, foreach=True), precision)
+    assert torch.equal(ours, ref)
+
+
+def test_fsdp1_single_gpu_decoupled_is_adamw():
+    ours = fit(Tiny(torch.optim.Adam), callbacks=[WeightDecay(native=False)], strategy="fsdp")
+    ref = fit(Tiny(torch.optim.AdamW), strategy="fsdp")
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_no_host_sync_on_non_logging_steps(native):
+    """``set_sync_debug_mode("error")`` from batch start through the optimizer step: the callbacks never sync."""
+    fit(Tiny(torch.optim.Adam, foreach=True), callbacks=[WeightDecay(native=native),
+                                                        EffectiveLRMonitor(log_every_n_steps=1000)], sync_check=True)
+
+
+def test_decay_pass_is_batched_into_few_kernel_launches():
+    params = [torch.randn(64, 64, device="cuda") for _ in range(200)]
+    decay_weights_(params, 1e-3, 0.1)  # warm-up
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        decay_weights_(params, 1e-3, 0.1)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    # foreach kernels take a bounded number of tensors per launch (a few dozen); one launch per tensor would be 200
+    assert 1 <= len(kernels) <= 10, [k.name for k in kernels]
