@@ -131,6 +131,9 @@ class WeightDecay(Callback):
             return
         metrics = {}
         for name, attached in zip(optimizer_names([a.optimizer for a in self._attached]), self._attached):
+            # groups added since the last step (BackboneFinetuning) or restored from a checkpoint saved after fit
+            # are otherwise only taken over at the next step's pre-hook
+            attached.take_over()
             for i, group in enumerate(attached.optimizer.param_groups):
                 metrics[f"weight_decay/{name}/pg{i}"] = group[WD_KEY]
         for logger in trainer.loggers:
