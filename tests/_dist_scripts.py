@@ -266,6 +266,74 @@ def run_ddp(inputs: dict, workdir: str) -> dict:
     return {run["name"]: _fit(run, inputs, workdir, strategy, _collect_ddp, fsdp=False) for run in inputs["runs"]}
 
 
+def _monitor_run(inputs: dict, make_strategy) -> dict:
+    """FSDP2 with EffectiveLRMonitor logging every step, beside an exact reference made from gathered state.
+
+    The reference hook gathers each parameter's full ``exp_avg_sq`` (``full_tensor()``, a collective that both ranks
+    make) and computes ``lr / (sqrt(v / (1 - beta2^t)) + eps)`` in float64 with exact statistics; the logger
+    records what the monitor sent it on this rank (only rank 0 may send anything).
+    """
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import Logger
+    from lightning_wd import EffectiveLRMonitor
+
+    class Recording(Logger):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[tuple[int, dict[str, float]]] = []
+
+        name = "recording"
+        version = 0
+
+        def log_metrics(self, metrics, step=None):  # deliberately not rank_zero_only: the test checks the ranks
+            self.calls.append((step, dict(metrics)))
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+    def exact(values: torch.Tensor) -> list[float]:
+        flat = values.flatten()
+        return [flat.min().item(), flat.max().item(), flat.mean().item(), flat.sort().values[(flat.numel() - 1) // 2].item()]
+
+    class Reference(pl.Callback):
+        def __init__(self) -> None:
+            self.per_step: dict[int, dict[str, list[float]]] = {}
+
+        def on_fit_start(self, trainer, pl_module):
+            names = {id(p): n for n, p in pl_module.named_parameters()}
+
+            def hook(opt, args, kwargs):
+                stats, flat = {}, []
+                for group in opt.param_groups:
+                    for p in group["params"]:
+                        st = opt.state[p]
+                        v = st["exp_avg_sq"].full_tensor().double()
+                        t = float(st["step"].full_tensor() if hasattr(st["step"], "full_tensor") else st["step"])
+                        eff = group["lr"] / (torch.sqrt(v / (1 - group["betas"][1] ** t)) + group["eps"])
+                        stats[names[id(p)]] = exact(eff)
+                        flat.append(eff.flatten())
+                stats["Adam/pg0"] = exact(torch.cat(flat))
+                # what a monitor that looked at this rank's shard only would report, for the test's contrast
+                v_local = opt.state[pl_module.net[0].weight]["exp_avg_sq"].to_local().double()
+                t = float(opt.state[pl_module.net[0].weight]["step"])
+                group = opt.param_groups[0]
+                eff_local = group["lr"] / (torch.sqrt(v_local / (1 - group["betas"][1] ** t)) + group["eps"])
+                stats["local:0.weight"] = exact(eff_local)
+                self.per_step[trainer.fit_loop.epoch_loop._batches_that_stepped] = stats
+
+            for opt in trainer.optimizers:
+                opt.register_step_post_hook(hook)
+
+    Module = _module_class()
+    module = Module(inputs["init"], "Adam", inputs["lr"], inputs["wd"], fsdp=True)
+    logger, reference = Recording(), Reference()
+    trainer = _trainer(make_strategy(), [EffectiveLRMonitor(log_every_n_steps=1), reference],
+                       max_steps=inputs["steps"])
+    trainer.logger = logger
+    trainer.fit(module, _loader(inputs))
+    return {"logged": logger.calls, "reference": reference.per_step}
+
+
 def run_fsdp2(inputs: dict, workdir: str) -> dict:
     from lightning.pytorch.strategies import ModelParallelStrategy
     from lightning_wd.decay import add_l2_to_grads_, decay_weights_
@@ -279,6 +347,7 @@ def run_fsdp2(inputs: dict, workdir: str) -> dict:
     results: dict[str, Any] = {}
     for run in inputs["runs"]:
         results[run["name"]] = _fit(run, inputs, workdir, strategy, _collect_fsdp2, fsdp=True)
+    results["monitor"] = _monitor_run(inputs, strategy)
 
     # Direct calls of the decay functions on freshly sharded parameters.
     from torch.distributed.device_mesh import init_device_mesh

@@ -278,15 +278,14 @@ def _assert_local_only(calls: list[dict], local_shapes: list[tuple]) -> None:
 
 @pytest.mark.parametrize("name", WITH_CALLBACK)
 def test_fsdp2_step_decays_local_shards_without_gathering(fsdp2, name):
-    """During training, the generic decay pass (``native=False``, and coupled decay for AdamW, which has no native
-    L2) runs once per step on each rank's local shards: no ``full_tensor``/``redistribute``, no collective, and every
-    op it dispatches sees plain tensors shaped like the shards. With ``native=True`` Adam's decoupled decay rides in
-    Adam's own step and the generic pass is not used at all."""
+    """During training, the generic decay pass (``native=False``) runs once per step on each rank's local shards: no
+    ``full_tensor``/``redistribute``, no collective, and every op it dispatches sees plain tensors shaped like the
+    shards. With ``native=True`` the decay rides in Adam's/AdamW's own step and the generic pass is not used."""
     run = RUNS[name]
     for res in fsdp2["ranks"]:
         spy = res[name]["spy"]
         local_shapes = list(res[name]["local_shapes"].values())
-        if run["mode"] == "decoupled" and run["native"]:
+        if run["native"]:  # Adam and AdamW do either mode inside their own step
             assert spy == {"decay_weights_": [], "add_l2_to_grads_": []}
             continue
         used, unused = ("decay_weights_", "add_l2_to_grads_")[:: 1 if run["mode"] == "decoupled" else -1]
@@ -359,3 +358,31 @@ def test_fsdp2_checkpoint_resume_equals_uninterrupted_run(fsdp2, tmp_path):
     assert [(g["lightning_wd"], g["weight_decay"]) for g in groups] == [(WD, 0.0)]
     saved = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items()}
     assert _max_diff(saved, r0["weights"]) > MIN_EFFECT
+
+
+def test_fsdp2_effective_lr_statistics_are_over_whole_parameters(fsdp2):
+    """EffectiveLRMonitor under FSDP2: the statistics are those of the whole parameter (exact min/max/mean, the
+    histogram median within its documented bound), every rank took part (rank 1 holds an empty shard of the output
+    layer and nothing hung), and only rank 0 sent anything to the loggers."""
+    from lightning_wd.effective_lr import histogram_median_rel_error
+
+    r0, r1 = (res["monitor"] for res in fsdp2["ranks"])
+    assert r1["logged"] == []
+    assert [step for step, _ in r0["logged"]] == list(range(STEPS))
+    whole = {s: {k: v for k, v in ref.items() if not k.startswith("local:")} for s, ref in r0["reference"].items()}
+    assert whole == {s: {k: v for k, v in ref.items() if not k.startswith("local:")}
+                     for s, ref in r1["reference"].items()}  # the gathered reference is the same on both ranks
+    for step, metrics in r0["logged"]:
+        reference = whole[step]
+        assert set(reference) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias", "Adam/pg0"}
+        for name, (mn, mx, mean, median) in reference.items():
+            got = {s: metrics[f"effective_lr/{name}/{s}"] for s in ("min", "max", "mean", "median")}
+            # fp32 in the monitor, fp64 in the reference
+            assert got["min"] == pytest.approx(mn, rel=1e-5), (step, name)
+            assert got["max"] == pytest.approx(mx, rel=1e-5), (step, name)
+            assert got["mean"] == pytest.approx(mean, rel=1e-5), (step, name)
+            assert got["median"] == pytest.approx(median, rel=histogram_median_rel_error()), (step, name)
+    # the contrast: statistics of rank 0's shard of 0.weight alone differ from what was logged, beyond tolerance
+    local_only = [r0["reference"][step]["local:0.weight"] for step, _ in r0["logged"]]
+    logged = [[m[f"effective_lr/net.0.weight/{s}"] for s in ("min", "max", "mean")] for _, m in r0["logged"]]
+    assert any(abs(a / b - 1) > 1e-3 for loc, got in zip(local_only, logged) for a, b in zip(loc[:3], got))

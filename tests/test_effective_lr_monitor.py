@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_wd import EffectiveLRMonitor, WeightDecay
-from lightning_wd.effective_lr import effective_lr_from_state
+from lightning_wd.effective_lr import effective_lr_from_state, histogram_median_rel_error
 
 
 class Net(L.LightningModule):
@@ -128,8 +128,10 @@ def test_logged_statistics_match_reference_at_every_logged_step(tmp_path, config
                 "median": lower_median(ref_values),
             }
             for stat, value in expected.items():
-                # the monitor computes in fp32, the reference in fp64: a few ulps of fp32 apart
-                assert logged[step][f"{key}/{stat}"] == pytest.approx(value, rel=1e-5), (step, key, stat)
+                # the monitor computes in fp32, the reference in fp64: a few ulps of fp32 apart; the median comes
+                # from a log10 histogram, within its documented bound
+                rel = histogram_median_rel_error() if stat == "median" else 1e-5
+                assert logged[step][f"{key}/{stat}"] == pytest.approx(value, rel=rel), (step, key, stat)
     if scheduler:  # the logged value follows the lr of the step it describes, not the next step's lr
         lrs = [ref.per_step[s]["AdamW/pg0" if config != "adam" and config != "amsgrad" else "Adam/pg0"] for s in steps]
         assert lrs[0].max() > lrs[-1].max()

@@ -32,11 +32,12 @@ __all__ = [
     "HIST_LOG10_RANGE",
     "STATS",
     "adam_effective_lr",
+    "combine_partials",
     "effective_lr_from_state",
     "histogram_median",
     "histogram_median_rel_error",
-    "log10_histogram",
-    "summary_stats",
+    "partial_stats",
+    "stats_from_partials",
 ]
 
 
@@ -57,9 +58,9 @@ def adam_effective_lr(
     """
     if isinstance(step, Tensor):
         bias_correction2 = 1 - torch.pow(beta2, step.to(v.device, torch.float64)).to(torch.float32)
-        denom = v.sqrt() / bias_correction2.sqrt() + eps
+        denom = v.sqrt().div_(bias_correction2.sqrt()).add_(eps)
     else:
-        denom = v.sqrt() / math.sqrt(1 - beta2**step) + eps
+        denom = v.sqrt().div_(math.sqrt(1 - beta2**step)).add_(eps)
     return lr / denom
 
 
@@ -73,43 +74,59 @@ def effective_lr_from_state(state: dict[str, Any], group: dict[str, Any], lr: fl
     return adam_effective_lr(v, step, group["lr"] if lr is None else lr, group["betas"][1], group["eps"])
 
 
-def summary_stats(x: Tensor) -> Tensor:
-    """``[min, max, mean, median]`` of ``x`` as one fp32 tensor on ``x``'s device (no host transfer).
+def partial_stats(x: Tensor, bins: int = HIST_BINS, log10_range: tuple[float, float] = HIST_LOG10_RANGE) -> Tensor:
+    """Statistics of ``x`` that add up across shards: ``[min, max, sum, count, hist_0, ..., hist_{bins-1}]`` (fp64).
 
-    ``median`` is torch's: the lower of the two middle values for an even number of elements.
+    ``hist`` counts ``log10(x)`` in ``bins`` equal bins over ``log10_range`` (values outside go to the end bins).
+    The partials of several shards combine with min, max and sums (:func:`combine_partials`, or one
+    ``all_reduce`` per operation across processes) into the partials of the whole tensor. An empty ``x`` gives the
+    identities (+inf, -inf, 0, 0, zeros). Nothing is read on the host.
     """
-    x = x.detach().flatten().float()
-    return torch.stack([x.min(), x.max(), x.mean(), x.median()])
-
-
-def log10_histogram(x: Tensor, bins: int = HIST_BINS, log10_range: tuple[float, float] = HIST_LOG10_RANGE) -> Tensor:
-    """Counts of ``log10(x)`` in ``bins`` equal bins over ``log10_range``; values outside are clamped to the ends.
-
-    Counts add across shards, so an ``all_reduce(SUM)`` of the local histograms is the histogram of the whole tensor.
-    """
+    x = x.detach().flatten()
+    out = torch.zeros(4 + bins, dtype=torch.float64, device=x.device)
+    if x.numel() == 0:
+        out[0], out[1] = float("inf"), float("-inf")
+        return out
+    out[0], out[1] = x.min(), x.max()
+    out[2], out[3] = x.sum(dtype=torch.float64), x.numel()
     lo, hi = log10_range
-    logs = torch.log10(x.detach().flatten().double()).clamp(lo, hi)
-    return torch.histc(logs, bins=bins, min=lo, max=hi).double()
+    idx = torch.log10(x.float()).sub_(lo).mul_(bins / (hi - lo)).clamp_(0, bins - 1).long()
+    if x.device.type == "cpu":
+        out[4:] = torch.bincount(idx, minlength=bins)
+    else:  # bincount sizes its output from the data (a host sync); scatter_add into fixed bins does not
+        out[4:].scatter_add_(0, idx, torch.ones((), dtype=torch.float64, device=x.device).expand(idx.shape))
+    return out
+
+
+def combine_partials(partials: Tensor) -> Tensor:
+    """The partials of the union of the tensors whose partials are the rows of ``partials``."""
+    return torch.cat([partials[:, :1].min(0).values, partials[:, 1:2].max(0).values, partials[:, 2:].sum(0)])
+
+
+def stats_from_partials(partials: Tensor, log10_range: tuple[float, float] = HIST_LOG10_RANGE) -> Tensor:
+    """``[min, max, mean, median]`` (fp32) for each row of partials ``[..., 4 + bins]``.
+
+    ``median`` is the geometric centre of the histogram bin that holds the lower median: within
+    :func:`histogram_median_rel_error` of the exact lower median (0.58% with the defaults), for values inside
+    ``log10_range``.
+    """
+    mean = partials[..., 2] / partials[..., 3].clamp(min=1)
+    stats = torch.stack([partials[..., 0], partials[..., 1], mean, histogram_median(partials[..., 4:], log10_range)])
+    return stats.movedim(0, -1).float()
 
 
 def histogram_median(hist: Tensor, log10_range: tuple[float, float] = HIST_LOG10_RANGE) -> Tensor:
-    """The lower median from a :func:`log10_histogram`: the geometric centre of the bin that holds it.
-
-    Its relative error against the exact (lower) median is at most :func:`histogram_median_rel_error`, for values
-    inside ``log10_range``.
-    """
+    """The lower median from histogram(s) of ``log10`` values (last dim: bins), as the centre of its bin."""
     lo, hi = log10_range
-    bins = hist.numel()
-    total = hist.sum()
-    # rank of the lower median, 1-based: ceil(n / 2)
-    k = torch.ceil(total / 2).clamp(min=1)
-    idx = torch.searchsorted(hist.cumsum(0), k.reshape(1)).clamp(max=bins - 1)
-    width = (hi - lo) / bins
-    centre = lo + (idx.double() + 0.5) * width
-    return torch.pow(10.0, centre).reshape(())
+    bins = hist.shape[-1]
+    cum = hist.cumsum(-1)
+    k = torch.ceil(cum[..., -1:] / 2).clamp(min=1)  # rank of the lower median, 1-based: ceil(n / 2)
+    idx = torch.searchsorted(cum.contiguous(), k.contiguous()).clamp(max=bins - 1).squeeze(-1)
+    return torch.pow(10.0, lo + (idx.double() + 0.5) * ((hi - lo) / bins))
 
 
 def histogram_median_rel_error(bins: int = HIST_BINS, log10_range: tuple[float, float] = HIST_LOG10_RANGE) -> float:
-    """Bound on ``|approx / exact - 1|`` of :func:`histogram_median`: half a bin in log10 space."""
+    """Bound on ``|approx / exact - 1|`` of the histogram median: half a bin in log10 space (plus 1e-5 decades for
+    the fp32 rounding of ``log10`` that can put a value on a bin edge into the neighbouring bin)."""
     lo, hi = log10_range
-    return 10 ** ((hi - lo) / bins / 2) - 1
+    return 10 ** ((hi - lo) / bins / 2 + 1e-5) - 1
