@@ -173,10 +173,8 @@ class AttachedWeightDecay:
         dtypes, has_excluded = self._info(group)
         if has_excluded:
             return False  # the optimizer's decay is per group; exclusions need the per-parameter pass
-        if self.stochastic_rounding and dtypes & set(LOW_PRECISION):
-            return False
-        # AdamW forces its flag back to True on load; coupled decay for it goes through the generic pass
-        return self.mode != "coupled" or type(self.optimizer) is torch.optim.Adam
+        # AdamW is Adam with the group flag `decoupled_weight_decay` set; the pre-hook sets the flag for the mode
+        return not (self.stochastic_rounding and dtypes & set(LOW_PRECISION))
 
     def _native_weight_decay(self, group: dict[str, Any]) -> float | Tensor:
         wd = group[WD_KEY]
