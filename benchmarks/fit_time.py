@@ -1,7 +1,7 @@
 """``Trainer.fit`` step time on an optimizer-bound model: Adam + WeightDecay against AdamW, foreach and fused.
 
 The model is a stack of wide ``Linear`` layers fed a batch of 4, so the optimizer's passes over the weights, not the
-matmuls, dominate a step. Every configuration runs in the same process, round-robin, several times; the reported
+matmuls, dominate a step. Every configuration runs in the same process, in a shuffled order per round, several rounds; the reported
 number is each configuration's mean step time (after warm-up steps) as a ratio to its reference with the same
 implementation (foreach or fused): AdamW for decoupled decay and the monitor, Adam's own L2 for coupled decay;
 median over the rounds. With the default 110 steps (100 timed), the monitor's default interval of 50 logs twice.
@@ -12,6 +12,7 @@ median over the rounds. With the default 110 steps (100 timed), the monitor's de
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import tempfile
 import time
@@ -114,8 +115,11 @@ def main() -> None:
         for fused in (False, True):
             cfgs = configs(fused)
             times: dict[str, list[float]] = {k: [] for k in cfgs}
-            for _ in range(args.rounds):
-                for name, (make_opt, cbs, _) in cfgs.items():
+            for r in range(args.rounds):
+                order = list(cfgs)
+                random.Random(r).shuffle(order)  # no configuration always runs first, or after the slowest one
+                for name in order:
+                    make_opt, cbs, _ = cfgs[name]
                     times[name].append(run(make_opt, cbs, args, log_dir))
             print(f"\n{'configuration':48s} {'ms/step':>8s} {'ratio':>6s}  to")
             for name, (_, _, ref) in cfgs.items():

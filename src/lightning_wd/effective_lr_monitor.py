@@ -158,7 +158,8 @@ class EffectiveLRMonitor(Callback):
                 state = {k: local_tensor(v) if isinstance(v, Tensor) else v for k, v in optimizer.state[p].items()}
                 effs.append(effective_lr_from_state(state, group))
             # one row of reducible partials (min, max, sum, count, log10 histogram) per parameter
-            partials = torch.stack([partial_stats(e) for e in effs])
+            # the effective-lr tensors are temporaries: let the statistics reuse them unless a histogram needs them
+            partials = torch.stack([partial_stats(e, overwrite=not self.log_histogram) for e in effs])
             self._reduce_shards(params, partials)
             prefix = f"effective_lr/{opt_name}/pg{gi}"
             names = [self._names.get(id(p), f"{opt_name}/pg{gi}/param{i}") for i, p in enumerate(params)]
