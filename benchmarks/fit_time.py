@@ -1,12 +1,13 @@
 """``Trainer.fit`` step time on an optimizer-bound model: Adam + WeightDecay against AdamW, foreach and fused.
 
 The model is a stack of wide ``Linear`` layers fed a batch of 4, so the optimizer's passes over the weights, not the
-matmuls, dominate a step. Every configuration runs in the same process, in a shuffled order per round, several rounds; the reported
-number is each configuration's mean step time (after warm-up steps) as a ratio to its reference with the same
-implementation (foreach or fused): AdamW for decoupled decay and the monitor, Adam's own L2 for coupled decay;
-median over the rounds. With the default 110 steps (100 timed), the monitor's default interval of 50 logs twice.
+matmuls, dominate a step. Every configuration runs in the same process, several rounds, in a shuffled order per
+round. The reported number is each configuration's mean step time (after warm-up steps) as a ratio to its reference
+with the same implementation (foreach or fused): AdamW for decoupled decay and the monitor, Adam's own L2 for coupled
+decay; median over the rounds. With the default 110 steps (100 timed), the monitor's default interval of 50 logs
+twice.
 
-    python benchmarks/fit_time.py                   # CPU (or --device cuda); --quick for a short run
+    OMP_NUM_THREADS=1 python benchmarks/fit_time.py     # CPU (or --device cuda); --quick for a short run
 """
 
 from __future__ import annotations

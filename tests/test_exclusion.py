@@ -37,7 +37,42 @@ def test_glob_patterns_on_full_names():
 
 def test_report_counts_and_names():
     net = nn.Sequential(Block())
-    excl = excluded_parameters(net, ["*.bias"])
-    text = format_exclusions(excl, total=len(dict(net.named_parameters())))
-    assert text.startswith("WeightDecay: 4 of 11 parameter tensors excluded from decay (16 elements)")
-    assert "0.proj.bias" in text and "0.embed.weight" not in text
+    text = format_exclusions(net, ["*.embed.*"], exclude_bias_and_norm=True)
+    lines = text.splitlines()
+    assert lines[0] == "WeightDecay: no decay for 9 of 11 parameter tensors (72 of 92 elements)"
+    assert lines[1].split() == ["parameter", "elements", "excluded", "as"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
+    assert rows["0.proj.bias"] == ["4", "bias"]
+    assert rows["0.bn.weight"] == ["4", "BatchNorm1d"]
+    assert rows["0.embed.weight"] == ["40", "'*.embed.*'"]
+    assert "0.proj.weight" not in rows and "0.gain" not in rows
+    assert format_exclusions(net, max_rows=2) == "WeightDecay: no decay for 0 of 11 parameter tensors (0 of 92 elements)"
+    assert format_exclusions(net, ["*"], max_rows=2).splitlines()[-1] == "  ... and 9 more"
+
+
+def test_report_is_logged_once_at_fit_start(caplog):
+    import logging
+
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_wd import WeightDecay
+
+    class Model(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), weight_decay=0.1)
+
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[WeightDecay(exclude_bias_and_norm=True)])
+    with caplog.at_level(logging.INFO):
+        trainer.fit(Model(), DataLoader(TensorDataset(torch.randn(12, 3)), batch_size=4))
+    reports = [r.getMessage() for r in caplog.records if "WeightDecay: no decay" in r.getMessage()]
+    assert len(reports) == 1
+    assert reports[0].startswith("WeightDecay: no decay for 3 of 4 parameter tensors (9 of 18 elements)")

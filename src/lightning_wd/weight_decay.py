@@ -94,10 +94,9 @@ class WeightDecay(Callback):
                     f"WeightDecay does not support {type(opt).__name__}: it evaluates its closure several times per"
                     " step, and the decay would be applied once per evaluation instead of once per step."
                 )
-        named = dict(pl_module.named_parameters())
         excluded = excluded_parameters(pl_module, self.exclude, self.exclude_bias_and_norm)
         if self.exclude or self.exclude_bias_and_norm:
-            rank_zero_info(format_exclusions(excluded, total=len(named)))
+            rank_zero_info(format_exclusions(pl_module, self.exclude, self.exclude_bias_and_norm))
         self._detach()
         self._attached = [
             AttachedWeightDecay(
