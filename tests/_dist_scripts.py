@@ -293,7 +293,8 @@ def _monitor_run(inputs: dict, make_strategy) -> dict:
 
     def exact(values: torch.Tensor) -> list[float]:
         flat = values.flatten()
-        return [flat.min().item(), flat.max().item(), flat.mean().item(), flat.sort().values[(flat.numel() - 1) // 2].item()]
+        lower_median = flat.sort().values[(flat.numel() - 1) // 2]
+        return [flat.min().item(), flat.max().item(), flat.mean().item(), lower_median.item()]
 
     class Reference(pl.Callback):
         def __init__(self) -> None:

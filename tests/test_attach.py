@@ -45,7 +45,8 @@ FOREACH = pytest.mark.parametrize("foreach", [False, True], ids=["single", "fore
 @NATIVE
 @FOREACH
 def test_adam_decoupled_is_adamw_bit_for_bit(native, foreach):
-    ours, _, _ = train(lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=0.2, foreach=foreach), "decoupled", native=native)
+    adam = lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=0.2, foreach=foreach)  # noqa: E731
+    ours, _, _ = train(adam, "decoupled", native=native)
     ref, _, _ = train(lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.2, foreach=foreach))
     assert torch.equal(ours, ref)
     plain, _, _ = train(lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=0.2, foreach=foreach))
@@ -55,7 +56,8 @@ def test_adam_decoupled_is_adamw_bit_for_bit(native, foreach):
 @NATIVE
 @FOREACH
 def test_adamw_coupled_is_adam_l2_bit_for_bit(native, foreach):
-    ours, _, _ = train(lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.2, foreach=foreach), "coupled", native=native)
+    adamw = lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.2, foreach=foreach)  # noqa: E731
+    ours, _, _ = train(adamw, "coupled", native=native)
     ref, _, _ = train(lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=0.2, foreach=foreach))
     assert torch.equal(ours, ref)
 

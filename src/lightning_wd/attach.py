@@ -113,8 +113,10 @@ class AttachedWeightDecay:
         self.stochastic_rounding = bool(stochastic_rounding)
         self._excluded = {id(p) for p in exclude}
         self._native_groups: list[dict[str, Any]] = []
-        # per param group (by id; a resume brings new group dicts): (its dtypes, whether it holds excluded params)
-        self._group_info: dict[int, tuple[frozenset[torch.dtype], bool]] = {}
+        # Per param group, keyed by its params list, which load_state_dict carries over into the new group dicts:
+        # (the list itself, so that its id cannot be reused; its length when seen; its dtypes; whether it holds
+        # excluded params).
+        self._group_info: dict[int, tuple[list[Tensor], int, frozenset[torch.dtype], bool]] = {}
         self._last_decay: dict[int, float] = {}
         self._warned: set[tuple[int, torch.dtype]] = set()
         self.take_over()
@@ -160,12 +162,13 @@ class AttachedWeightDecay:
 
     # --- per step ----------------------------------------------------------------------------------------------
     def _info(self, group: dict[str, Any]) -> tuple[frozenset[torch.dtype], bool]:
-        info = self._group_info.get(id(group))
-        if info is None:
-            params = group["params"]
-            info = (frozenset(p.dtype for p in params), any(id(p) in self._excluded for p in params))
-            self._group_info[id(group)] = info
-        return info
+        params = group["params"]
+        info = self._group_info.get(id(params))
+        if info is None or info[1] != len(params):
+            dtypes = frozenset(p.dtype for p in params)
+            info = (params, len(params), dtypes, any(id(p) in self._excluded for p in params))
+            self._group_info[id(params)] = info
+        return info[2], info[3]
 
     def _uses_native(self, group: dict[str, Any]) -> bool:
         if not self.native or type(self.optimizer) not in _NATIVE_OPTIMIZERS or "decoupled_weight_decay" not in group:
@@ -196,15 +199,15 @@ class AttachedWeightDecay:
     def _check_precision(self, index: int, group: dict[str, Any]) -> None:
         """Warn once per group and dtype when rounding would swallow the decay (at the start and at lr changes)."""
         x = self.per_step_decay(group)
-        if isinstance(x, Tensor) or self._last_decay.get(id(group)) == x:
+        if isinstance(x, Tensor) or self._last_decay.get(id(group["params"])) == x:
             return  # a tensor lr is not read on the host: that would sync the device
-        self._last_decay[id(group)] = x
+        self._last_decay[id(group["params"])] = x
         for dtype in self._info(group)[0]:
             if decay_is_lost(x, dtype) and (index, dtype) not in self._warned:
                 self._warned.add((index, dtype))
                 rank_zero_warn(
                     f"lightning_wd: param group {index} of {type(self.optimizer).__name__} holds {dtype} weights and"
-                    f" decays them by {x:.3g} per step (lr * weight_decay), below {smallest_safe_decay(dtype):.3g},"
+                    f" decays them by {x:.3g} per step (p *= 1 - {x:.3g}), below {smallest_safe_decay(dtype):.3g},"
                     f" the smallest decay {dtype} can apply to every weight: most of the decay rounds away. Pass"
                     " `stochastic_rounding=True` to keep it, or keep fp32 master weights (e.g. bf16-mixed)."
                 )

@@ -167,7 +167,8 @@ class EffectiveLRMonitor(Callback):
                 keys = [f"effective_lr/{n}/{s}" for n in names for s in STATS]
                 self._pending.append((keys, stats_from_partials(partials).flatten()))
             if self.per_group:
-                self._pending.append(([f"{prefix}/{s}" for s in STATS], stats_from_partials(combine_partials(partials))))
+                group_stats = stats_from_partials(combine_partials(partials))
+                self._pending.append(([f"{prefix}/{s}" for s in STATS], group_stats))
             if self.log_histogram:
                 self._histograms.extend(
                     (f"effective_lr/{n}/log10", e) for n, p, e in zip(names, params, effs) if not _shard_groups(p)
