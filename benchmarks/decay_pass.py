@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from _common import gpt2_small_shapes, interleaved_medians
+
 from lightning_wd.decay import decay_weights_
 
 

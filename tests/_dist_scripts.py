@@ -118,7 +118,8 @@ def spied(fn, log: list[dict[str, Any]]):
             for owner, name, original in reversed(saved):
                 setattr(owner, name, original)
         params = args[0] if args else kwargs["params"]
-        numbers = [float(a) for a in (*args[1:], *kwargs.values()) if isinstance(a, (int, float))]
+        args_and_kwargs = (*args[1:], *kwargs.values())
+        numbers = [float(a) for a in args_and_kwargs if isinstance(a, (int, float)) and not isinstance(a, bool)]
         log.append({
             "numbers": numbers,  # decay_weights_: [lr, weight_decay]; add_l2_to_grads_: [weight_decay]
             "param_types": [type(p).__name__ for p in params],
@@ -213,8 +214,9 @@ def _fit(run: dict, inputs: dict, workdir: str, make_strategy, collect, fsdp: bo
     """One entry of ``inputs["runs"]``: a fit of ``inputs["steps"]`` steps, or (``"resume"`` in the run) an
     uninterrupted fit of ``resume["epochs"]`` epochs that saves a checkpoint after every epoch, then a fresh Trainer
     and module resumed from the checkpoint of epoch ``resume["from_epoch"]`` up to the same number of epochs."""
-    import lightning_wd.attach as attach
     from lightning.pytorch.callbacks import ModelCheckpoint
+
+    import lightning_wd.attach as attach
 
     Module = _module_class()
     module = Module(inputs["init"], run["optimizer"], inputs["lr"], inputs["wd"], fsdp=fsdp)
@@ -275,6 +277,7 @@ def _monitor_run(inputs: dict, make_strategy) -> dict:
     """
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import Logger
+
     from lightning_wd import EffectiveLRMonitor
 
     class Recording(Logger):
@@ -337,8 +340,9 @@ def _monitor_run(inputs: dict, make_strategy) -> dict:
 
 def run_fsdp2(inputs: dict, workdir: str) -> dict:
     from lightning.pytorch.strategies import ModelParallelStrategy
-    from lightning_wd.decay import add_l2_to_grads_, decay_weights_
     from torch.distributed.tensor import DTensor
+
+    from lightning_wd.decay import add_l2_to_grads_, decay_weights_
 
     def strategy():
         return ModelParallelStrategy(

@@ -33,13 +33,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning.fabric.utilities.rank_zero import rank_zero_warn
-
 from lightning_wd.decay import add_l2_to_grads_, decay_weights_
-from lightning_wd.low_precision import LOW_PRECISION, decay_is_lost, decay_weights_stochastic_, smallest_safe_decay
+from lightning_wd.low_precision import LOW_PRECISION, decay_is_lost, smallest_safe_decay
 from lightning_wd.modes import Mode, check_lr_max, check_mode, check_weight_decay
 
 #: param-group key that holds the decay taken over from ``weight_decay``
@@ -277,8 +276,7 @@ class AttachedWeightDecay:
                 add_l2_to_grads_(params, grads, -wd if group.get("maximize", False) else wd, grad_scale)
             else:
                 lr = group["lr"] if self.mode == "decoupled" else group["lr"] / group[LR_MAX_KEY]
-                decay = decay_weights_stochastic_ if self.stochastic_rounding else decay_weights_
-                decay(params, lr, wd, skip=found_inf)
+                decay_weights_(params, lr, wd, skip=found_inf, stochastic_rounding=self.stochastic_rounding)
 
 
 def attach_weight_decay(

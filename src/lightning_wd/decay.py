@@ -23,6 +23,8 @@ from typing import Union
 import torch
 from torch import Tensor
 
+from lightning_wd.low_precision import LOW_PRECISION, stochastic_round
+
 Scalar = Union[float, Tensor]
 
 __all__ = ["add_l2_to_grads_", "decay_weights_", "group_by_device_and_dtype", "local_tensor"]
@@ -61,6 +63,7 @@ def decay_weights_(
     lr: Scalar,
     weight_decay: float,
     skip: Tensor | None = None,
+    stochastic_rounding: bool = False,
 ) -> None:
     """Decoupled decay in place: ``p *= 1 - lr * weight_decay`` for every ``p`` in ``params``.
 
@@ -73,15 +76,22 @@ def decay_weights_(
         weight_decay: the decay coefficient.
         skip: optional 0-dim tensor, non-zero when this step must not decay (AMP's ``found_inf`` for optimizers that
             skip inside their own kernel); evaluated on the device, without a host sync.
+        stochastic_rounding: compute the product of bf16/fp16 tensors in fp32 and round it stochastically (see
+            :mod:`lightning_wd.low_precision`), so that a decay below the format's resolution is not lost. It costs
+            an fp32 temporary per such tensor; other dtypes are unaffected.
     """
     if not params or weight_decay == 0:
         return
     factor: Scalar = 1 - lr * weight_decay
-    for (device, _), (tensors,) in group_by_device_and_dtype([local_tensor(p) for p in params]).items():
+    for (device, dtype), (tensors,) in group_by_device_and_dtype([local_tensor(p) for p in params]).items():
         f = _on_device(factor, device)
         if skip is not None:
             f = torch.where(_on_device(skip, device) > 0, torch.ones((), device=device), f)
-        torch._foreach_mul_(tensors, f)
+        if stochastic_rounding and dtype in LOW_PRECISION:
+            for t in tensors:  # per tensor: the rounding needs an fp32 temporary of the tensor's size
+                t.copy_(stochastic_round(t.float() * f, dtype))
+        else:
+            torch._foreach_mul_(tensors, f)
 
 
 def add_l2_to_grads_(
