@@ -153,13 +153,17 @@ class EffectiveLRMonitor(Callback):
             params = [p for p in group["params"] if "exp_avg_sq" in optimizer.state.get(p, {})]
             if not params:
                 continue
-            effs = []
+            # one row of reducible partials (min, max, sum, count, log10 histogram) per parameter; each parameter's
+            # effective lr is a temporary that its statistics reuse as scratch (unless a histogram keeps it), so a
+            # logging step holds one parameter-sized buffer at a time
+            rows, effs = [], []
             for p in params:
                 state = {k: local_tensor(v) if isinstance(v, Tensor) else v for k, v in optimizer.state[p].items()}
-                effs.append(effective_lr_from_state(state, group))
-            # one row of reducible partials (min, max, sum, count, log10 histogram) per parameter
-            # the effective-lr tensors are temporaries: let the statistics reuse them unless a histogram needs them
-            partials = torch.stack([partial_stats(e, overwrite=not self.log_histogram) for e in effs])
+                eff = effective_lr_from_state(state, group)
+                rows.append(partial_stats(eff, overwrite=not self.log_histogram))
+                if self.log_histogram:
+                    effs.append(eff)
+            partials = torch.stack(rows)
             self._reduce_shards(params, partials)
             prefix = f"effective_lr/{opt_name}/pg{gi}"
             names = [self._names.get(id(p), f"{opt_name}/pg{gi}/param{i}") for i, p in enumerate(params)]

@@ -125,7 +125,7 @@ class WeightDecay(Callback):
             )
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        # same steps as LearningRateMonitor, so the two read side by side
+        # Lightning's own logging steps, as LearningRateMonitor(logging_interval="step"), so the two read side by side
         if not self._log or not trainer._logger_connector.should_update_logs or not trainer.loggers:
             return
         metrics = {}
@@ -135,8 +135,9 @@ class WeightDecay(Callback):
             attached.take_over()
             for i, group in enumerate(attached.optimizer.param_groups):
                 metrics[f"weight_decay/{name}/pg{i}"] = group[WD_KEY]
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._detach()
