@@ -23,18 +23,21 @@ from torch import Tensor
 #: the statistics logged for every parameter, in this order
 STATS: tuple[str, ...] = ("min", "max", "mean", "median")
 
-#: log10 range and bin count of the histogram median used for sharded parameters
-HIST_LOG10_RANGE: tuple[float, float] = (-16.0, 4.0)
-HIST_BINS: int = 4000
+#: the histogram of v_hat behind the median: ``2**MANTISSA_BITS`` bins per power of two of v_hat, over
+#: ``2**V_HAT_EXPONENTS[0] <= v_hat < 2**V_HAT_EXPONENTS[1]`` (values outside go to the end bins)
+MANTISSA_BITS: int = 6
+V_HAT_EXPONENTS: tuple[int, int] = (-100, 40)
+HIST_BINS: int = (V_HAT_EXPONENTS[1] - V_HAT_EXPONENTS[0]) << MANTISSA_BITS
+_FIRST_BIN_BITS = (V_HAT_EXPONENTS[0] + 127) << MANTISSA_BITS  # fp32 bits of 2**lo, shifted like the bin index
+_SHIFT = 23 - MANTISSA_BITS
 
 __all__ = [
     "HIST_BINS",
-    "HIST_LOG10_RANGE",
     "STATS",
     "adam_effective_lr",
+    "adam_v_hat",
     "combine_partials",
     "effective_lr_from_state",
-    "histogram_median",
     "histogram_median_rel_error",
     "partial_stats",
     "stats_from_partials",
@@ -68,43 +71,63 @@ def adam_effective_lr(
 
 def effective_lr_from_state(state: dict[str, Any], group: dict[str, Any], lr: float | Tensor | None = None) -> Tensor:
     """The effective lr of one parameter of a ``torch.optim.Adam``/``AdamW`` from its state and param group."""
-    amsgrad = group.get("amsgrad", False)
-    v = state["max_exp_avg_sq"] if amsgrad else state["exp_avg_sq"]
+    v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
+    return adam_effective_lr(v, _step(state), group["lr"] if lr is None else lr, group["betas"][1], group["eps"])
+
+
+def adam_v_hat(state: dict[str, Any], group: dict[str, Any], out: Tensor | None = None) -> Tensor:
+    """``v_hat = v / (1 - beta2^t)`` of one Adam parameter in fp32 (``max_exp_avg_sq`` for AMSGrad), written into
+    ``out`` (fp32, at least as many elements) when given, else into a new tensor.
+
+    The effective lr is ``lr / (sqrt(v_hat) + eps)``; :func:`partial_stats` summarizes it from ``v_hat``.
+    """
+    v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
+    step, beta2 = _step(state), group["betas"][1]
+    if isinstance(step, Tensor):
+        bias_correction2 = (1 - torch.pow(beta2, step.to(v.device, torch.float64))).to(torch.float32)
+    else:
+        bias_correction2 = 1 - beta2**step
+    dest = out[: v.numel()].view(v.shape) if out is not None else None
+    return torch.div(v.float(), bias_correction2, out=dest)
+
+
+def _step(state: dict[str, Any]) -> float | Tensor:
     step = state["step"]
     if isinstance(step, Tensor) and step.device.type == "cpu":
-        step = float(step)  # a CPU scalar: reading it costs no device sync
-    return adam_effective_lr(v, step, group["lr"] if lr is None else lr, group["betas"][1], group["eps"])
+        return float(step)  # a CPU scalar: reading it costs no device sync
+    return step
 
 
-def partial_stats(
-    x: Tensor,
-    bins: int = HIST_BINS,
-    log10_range: tuple[float, float] = HIST_LOG10_RANGE,
-    overwrite: bool = False,
-) -> Tensor:
-    """Statistics of ``x`` that add up across shards: ``[min, max, sum, count, hist_0, ..., hist_{bins-1}]`` (fp64).
+def partial_stats(v_hat: Tensor, eps: float, overwrite: bool = False, scratch: Tensor | None = None) -> Tensor:
+    """Statistics of ``1 / (sqrt(v_hat) + eps)`` that add up across shards, as one fp64 row:
+    ``[min v_hat, max v_hat, sum of 1 / (sqrt(v_hat) + eps), count, hist_0, ..., hist_{HIST_BINS-1}]``.
 
-    ``hist`` counts ``log10(x)`` in ``bins`` equal bins over ``log10_range`` (values outside go to the end bins).
-    The partials of several shards combine with min, max and sums (:func:`combine_partials`, or one
-    ``all_reduce`` per operation across processes) into the partials of the whole tensor. An empty ``x`` gives the
-    identities (+inf, -inf, 0, 0, zeros). Nothing is read on the host. ``overwrite=True`` lets the function use
-    ``x`` (floating point) as its scratch buffer, which saves a temporary of ``x``'s size.
+    Multiplied by the lr, ``1 / (sqrt(v_hat) + eps)`` is the effective lr; since it falls as ``v_hat`` grows, its
+    min and max come from the max and min of ``v_hat``, and its median from a histogram of ``v_hat``, whose bins
+    are read straight off the bits of the fp32 numbers (for non-negative floats the bit pattern grows with the
+    value): the exponent and the first :data:`MANTISSA_BITS` bits of the mantissa. Only the sum needs the
+    elementwise map. Rows of shards combine with min, max and sums (:func:`combine_partials`, or one ``all_reduce``
+    per operation across processes); an empty ``v_hat`` gives the identities. Nothing is read on the host.
+    ``overwrite=True`` lets the function use ``v_hat`` (fp32) as its scratch buffer; ``scratch``, an int32 tensor
+    of at least ``v_hat.numel()`` elements, saves the allocation of the bin indices (large fresh allocations cost
+    page faults that, on a CPU, take longer than the arithmetic).
     """
-    x = x.detach().flatten()
-    out = torch.zeros(4 + bins, dtype=torch.float64, device=x.device)
+    x = v_hat.detach().flatten()
+    out = torch.zeros(4 + HIST_BINS, dtype=torch.float64, device=x.device)
     if x.numel() == 0:
         out[0], out[1] = float("inf"), float("-inf")
         return out
+    if x.dtype != torch.float32 or not overwrite:
+        x = x.float() if x.dtype != torch.float32 else x.clone()
     out[0], out[1] = torch.aminmax(x)
-    # an fp64 sum would first copy x to fp64 (the costliest op here); torch's cascade fp32 sum is accurate to ~1e-7
-    out[2], out[3] = x.sum(), x.numel()
-    lo, hi = log10_range
-    logs = x.log10_() if overwrite and x.dtype == torch.float32 else torch.log10(x.float())
-    idx = logs.sub_(lo).mul_(bins / (hi - lo)).clamp_(0, bins - 1).long()
+    idx = torch.bitwise_right_shift(x.view(torch.int32), _SHIFT, out=None if scratch is None else scratch[: x.numel()])
+    idx = idx.sub_(_FIRST_BIN_BITS).clamp_(0, HIST_BINS - 1)
     if x.device.type == "cpu":
-        out[4:] = torch.bincount(idx, minlength=bins)
+        out[4:] = torch.bincount(idx, minlength=HIST_BINS)
     else:  # bincount sizes its output from the data (a host sync); scatter_add into fixed bins does not
-        out[4:].scatter_add_(0, idx, torch.ones((), dtype=torch.float64, device=x.device).expand(idx.shape))
+        out[4:].scatter_add_(0, idx.long(), torch.ones((), dtype=torch.float64, device=x.device).expand(idx.shape))
+    # torch's fp32 sum is a cascade sum, accurate to ~1e-7 without an fp64 copy of x
+    out[2], out[3] = x.sqrt_().add_(eps).reciprocal_().sum(), x.numel()
     return out
 
 
@@ -113,30 +136,41 @@ def combine_partials(partials: Tensor) -> Tensor:
     return torch.cat([partials[:, :1].min(0).values, partials[:, 1:2].max(0).values, partials[:, 2:].sum(0)])
 
 
-def stats_from_partials(partials: Tensor, log10_range: tuple[float, float] = HIST_LOG10_RANGE) -> Tensor:
-    """``[min, max, mean, median]`` (fp32) for each row of partials ``[..., 4 + bins]``.
+def _rate(v_hat: Tensor, lr: float | Tensor, eps: float) -> Tensor:
+    # the elementwise formula of partial_stats, in fp32, so that min and max are the elementwise values exactly
+    return torch.sqrt(v_hat.float()).add_(eps).reciprocal_().mul_(lr)
 
-    ``median`` is the geometric centre of the histogram bin that holds the lower median: within
-    :func:`histogram_median_rel_error` of the exact lower median (0.58% with the defaults), for values inside
-    ``log10_range``.
+
+def stats_from_partials(partials: Tensor, lr: float | Tensor, eps: float) -> Tensor:
+    """``[min, max, mean, median]`` (fp32) of the effective lr ``lr / (sqrt(v_hat) + eps)`` for each row of
+    partials ``[..., 4 + HIST_BINS]``.
+
+    ``min``, ``max`` and ``mean`` are exact; ``median`` is the effective lr at the geometric centre of the histogram
+    bin holding the median, within :func:`histogram_median_rel_error` (0.39%) of the exact lower median.
     """
-    mean = partials[..., 2] / partials[..., 3].clamp(min=1)
-    stats = torch.stack([partials[..., 0], partials[..., 1], mean, histogram_median(partials[..., 4:], log10_range)])
-    return stats.movedim(0, -1).float()
-
-
-def histogram_median(hist: Tensor, log10_range: tuple[float, float] = HIST_LOG10_RANGE) -> Tensor:
-    """The lower median from histogram(s) of ``log10`` values (last dim: bins), as the centre of its bin."""
-    lo, hi = log10_range
-    bins = hist.shape[-1]
+    if isinstance(lr, Tensor):
+        lr = lr.to(partials.device)
+    count = partials[..., 3].clamp(min=1)
+    mean = partials[..., 2] * lr / count
+    # the lower median of the rate is the upper median of v_hat (the rate falls as v_hat grows): rank n // 2 + 1
+    hist = partials[..., 4:]
     cum = hist.cumsum(-1)
-    k = torch.ceil(cum[..., -1:] / 2).clamp(min=1)  # rank of the lower median, 1-based: ceil(n / 2)
-    idx = torch.searchsorted(cum.contiguous(), k.contiguous()).clamp(max=bins - 1).squeeze(-1)
-    return torch.pow(10.0, lo + (idx.double() + 0.5) * ((hi - lo) / bins))
+    rank = torch.floor(cum[..., -1:] / 2) + 1
+    b = torch.searchsorted(cum.contiguous(), rank.contiguous()).clamp(max=HIST_BINS - 1).squeeze(-1)
+    edges = ((b.to(torch.int32) + _FIRST_BIN_BITS).unsqueeze(-1) + torch.tensor([0, 1], device=b.device)) << _SHIFT
+    low, high = edges.to(torch.int32).view(torch.float32).double().unbind(-1)
+    centre = torch.sqrt(low * high)
+    median = 1 / (torch.sqrt(centre) + eps) * lr
+    stats = [_rate(partials[..., 1], lr, eps).double(), _rate(partials[..., 0], lr, eps).double(), mean, median]
+    return torch.stack(stats).movedim(0, -1).float()
 
 
-def histogram_median_rel_error(bins: int = HIST_BINS, log10_range: tuple[float, float] = HIST_LOG10_RANGE) -> float:
-    """Bound on ``|approx / exact - 1|`` of the histogram median: half a bin in log10 space (plus 1e-5 decades for
-    the fp32 rounding of ``log10`` that can put a value on a bin edge into the neighbouring bin)."""
-    lo, hi = log10_range
-    return 10 ** ((hi - lo) / bins / 2 + 1e-5) - 1
+def histogram_median_rel_error() -> float:
+    """Bound on ``|approx / exact - 1|`` of the median, for ``v_hat`` inside the histogram's range (or where ``eps``
+    dominates ``sqrt(v_hat)``, as for elements that never had a gradient).
+
+    A bin spans at most a factor ``1 + 2**-MANTISSA_BITS`` of ``v_hat``; the rate varies at most as ``v_hat**-1/2``,
+    so reporting the rate at the bin's geometric centre is off by at most a factor ``(1 + 2**-MANTISSA_BITS)**(1/4)``
+    (plus 1e-6 for the fp32 arithmetic).
+    """
+    return (1 + 2.0**-MANTISSA_BITS) ** 0.25 - 1 + 1e-6
