@@ -102,6 +102,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="3 rounds of 60 steps")
+    ap.add_argument("--only", nargs="+", default=[], metavar="TEXT",
+                    help="run only the configurations whose name contains one of these (and their references)")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.steps = 3, 60
@@ -115,6 +117,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as log_dir:
         for fused in (False, True):
             cfgs = configs(fused)
+            if args.only:
+                keep = {n for n in cfgs if any(t in n for t in args.only)}
+                keep |= {cfgs[n][2] for n in keep}
+                cfgs = {n: c for n, c in cfgs.items() if n in keep}
             times: dict[str, list[float]] = {k: [] for k in cfgs}
             for r in range(args.rounds):
                 order = list(cfgs)
