@@ -190,13 +190,14 @@ class AttachedWeightDecay:
 
     def check_precision(self) -> None:
         """Warn for every group whose decay rounds away in its weights' dtype (also done before every step)."""
-        if self.mode != "coupled" and not self.stochastic_rounding:
-            for index, group in enumerate(self.optimizer.param_groups):
-                if group[WD_KEY] != 0:
-                    self._check_precision(index, group)
+        for index, group in enumerate(self.optimizer.param_groups):
+            if group[WD_KEY] != 0:
+                self._check_precision(index, group)
 
     def _check_precision(self, index: int, group: dict[str, Any]) -> None:
         """Warn once per group and dtype when rounding would swallow the decay (at the start and at lr changes)."""
+        if self.mode == "coupled" or self.stochastic_rounding:
+            return  # coupled decay does not multiply the weights; stochastic rounding keeps the decay
         x = self.per_step_decay(group)
         if isinstance(x, Tensor) or self._last_decay.get(id(group["params"])) == x:
             return  # a tensor lr is not read on the host: that would sync the device
@@ -217,8 +218,7 @@ class AttachedWeightDecay:
         for index, group in enumerate(optimizer.param_groups):
             if group[WD_KEY] == 0:
                 continue
-            if self.mode != "coupled" and not self.stochastic_rounding:
-                self._check_precision(index, group)
+            self._check_precision(index, group)
             if self._uses_native(group):
                 self._native_groups.append({"group": group, "flag": group["decoupled_weight_decay"]})
                 group["weight_decay"] = self._native_weight_decay(group)

@@ -59,11 +59,11 @@ def adam_effective_lr(
         lr: the learning rate that the update used.
         beta2, eps: the group's hyperparameters.
     """
-    if isinstance(step, Tensor):
-        bias_correction2 = 1 - torch.pow(beta2, step.to(v.device, torch.float64)).to(torch.float32)
+    bias_correction2 = _bias_correction2(beta2, step, v.device)
+    if isinstance(bias_correction2, Tensor):
         denom = v.sqrt().div_(bias_correction2.sqrt()).add_(eps)
     else:
-        denom = v.sqrt().div_(math.sqrt(1 - beta2**step)).add_(eps)
+        denom = v.sqrt().div_(math.sqrt(bias_correction2)).add_(eps)
     # in place, and `reciprocal_().mul_(lr)` rather than `lr / denom`: scalar / tensor is a slow kernel on CPU
     # (3x the whole computation); the result differs from `lr / denom` by at most an ulp
     return denom.reciprocal_().mul_(lr)
@@ -71,7 +71,7 @@ def adam_effective_lr(
 
 def effective_lr_from_state(state: dict[str, Any], group: dict[str, Any], lr: float | Tensor | None = None) -> Tensor:
     """The effective lr of one parameter of a ``torch.optim.Adam``/``AdamW`` from its state and param group."""
-    v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
+    v = _second_moment(state, group)
     return adam_effective_lr(v, _step(state), group["lr"] if lr is None else lr, group["betas"][1], group["eps"])
 
 
@@ -81,14 +81,22 @@ def adam_v_hat(state: dict[str, Any], group: dict[str, Any], out: Tensor | None 
 
     The effective lr is ``lr / (sqrt(v_hat) + eps)``; :func:`partial_stats` summarizes it from ``v_hat``.
     """
-    v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
-    step, beta2 = _step(state), group["betas"][1]
-    if isinstance(step, Tensor):
-        bias_correction2 = (1 - torch.pow(beta2, step.to(v.device, torch.float64))).to(torch.float32)
-    else:
-        bias_correction2 = 1 - beta2**step
+    v = _second_moment(state, group)
+    bias_correction2 = _bias_correction2(group["betas"][1], _step(state), v.device)
     dest = out[: v.numel()].view(v.shape) if out is not None else None
     return torch.div(v.float(), bias_correction2, out=dest)
+
+
+def _second_moment(state: dict[str, Any], group: dict[str, Any]) -> Tensor:
+    """The ``v`` that Adam divides by: ``max_exp_avg_sq`` under AMSGrad, else ``exp_avg_sq``."""
+    return state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
+
+
+def _bias_correction2(beta2: float, step: float | Tensor, device: torch.device) -> float | Tensor:
+    """``1 - beta2^step``: a float for a host step, an fp32 tensor on ``device`` for a device step (no sync)."""
+    if isinstance(step, Tensor):
+        return (1 - torch.pow(beta2, step.to(device, torch.float64))).to(torch.float32)
+    return 1 - beta2**step
 
 
 def _step(state: dict[str, Any]) -> float | Tensor:
