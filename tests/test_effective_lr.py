@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from lightning_wd.effective_lr import (
+    _count_bins,
     adam_effective_lr,
     combine_partials,
     histogram_median_rel_error,
+    make_scratch,
     partial_stats,
     stats_from_partials,
 )
@@ -71,10 +73,52 @@ def test_values_outside_the_histogram_range_land_in_the_end_bins():
     assert p[4].item() == 2 and p[-1].item() == 2 and p[3].item() == 4
 
 
-def test_overwrite_reuses_the_input_and_the_default_does_not():
-    v_hat = torch.rand(100)
-    before = v_hat.clone()
-    partial_stats(v_hat, 1e-8)
-    assert torch.equal(v_hat, before)
-    partial_stats(v_hat, 1e-8, overwrite=True)
-    assert not torch.equal(v_hat, before)
+def test_the_input_is_left_alone_and_scratch_buffers_are_used():
+    v = torch.rand(100)
+    before = v.clone()
+    values, indices = make_scratch(100, v.device)
+    values.fill_(-1.0)
+    partial_stats(v, 1e-8, 0.5, (values, indices))
+    assert torch.equal(v, before)
+    assert not (values == -1.0).any()  # the work happened in the buffer the caller gave
+
+
+def test_bias_correction_divides_v_as_adam_does():
+    g = torch.Generator().manual_seed(4)
+    v = torch.rand(1000, generator=g) * 1e-4
+    for bc2 in (0.3, torch.tensor(0.3)):
+        p = partial_stats(v, 1e-8, bc2)
+        ref = partial_stats(torch.div(v, 0.3), 1e-8)  # v_hat as adam_effective_lr and Adam compute it
+        assert torch.equal(p[[0, 1, 3]], ref[[0, 1, 3]]) and torch.equal(p[4:], ref[4:])
+        torch.testing.assert_close(p[2], ref[2])
+
+
+def test_low_precision_state_is_summarized_in_fp32():
+    v = (torch.rand(500, generator=torch.Generator().manual_seed(5)) * 1e-4).bfloat16()
+    p = partial_stats(v, 1e-8, 0.7)
+    ref = partial_stats(v.float() / 0.7, 1e-8)
+    assert torch.equal(p[[0, 1, 3]], ref[[0, 1, 3]]) and torch.equal(p[4:], ref[4:])
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_chunks_give_the_partials_of_the_whole_tensor(monkeypatch, chunk):
+    import lightning_wd.effective_lr as mod
+
+    v = torch.pow(10.0, -12 + 8 * torch.rand(1001, dtype=torch.float64)).float()
+    whole = partial_stats(v, 1e-8, 0.9)
+    monkeypatch.setattr(mod, "chunk_elements", lambda device: chunk)
+    values, indices = mod.make_scratch(v.numel(), v.device)
+    assert values.numel() == min(chunk, 1001)  # the scratch never grows with the tensor
+    chunked = partial_stats(v, 1e-8, 0.9, (values, indices))
+    assert torch.equal(chunked[[0, 1, 3]], whole[[0, 1, 3]]) and torch.equal(chunked[4:], whole[4:])
+    torch.testing.assert_close(chunked[2], whole[2], rtol=1e-6, atol=0)  # the same sum in another order
+
+
+def test_scatter_counting_used_off_the_cpu_matches_bincount():
+    # the accelerator path (scatter_add_ into fixed bins) checked against the CPU path on the same indices
+    idx = torch.randint(0, 50, (10_000,), generator=torch.Generator().manual_seed(6), dtype=torch.int32)
+    a, b = torch.zeros(45, dtype=torch.float64), torch.zeros(45, dtype=torch.float64)
+    _count_bins(idx.clamp(5, 49), a, offset=5, bincount=True)
+    _count_bins(idx.clamp(5, 49), b, offset=5, bincount=False)
+    assert torch.equal(a, b) and a.sum() == 10_000
+    assert a[0] == (idx <= 5).sum() and a[10] == (idx == 15).sum()

@@ -182,8 +182,8 @@ def test_nothing_is_computed_on_steps_that_do_not_log(tmp_path, monkeypatch):
     import lightning_wd.effective_lr_monitor as mod
 
     calls = []
-    real = mod.adam_v_hat
-    monkeypatch.setattr(mod, "adam_v_hat", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = mod.adam_partial_stats
+    monkeypatch.setattr(mod, "adam_partial_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
     n_params = 4
     trainer = L.Trainer(
         max_steps=10,

@@ -137,3 +137,34 @@ def test_decay_pass_is_batched_into_few_kernel_launches():
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     # foreach kernels take a bounded number of tensors per launch (a few dozen); one launch per tensor would be 200
     assert 1 <= len(kernels) <= 10, [k.name for k in kernels]
+
+
+@pytest.mark.parametrize("impl", [{"foreach": True}, {"fused": True}, {"capturable": True}], ids=str)
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_cuda_monitor_partials_match_the_cpu_and_do_not_sync(impl, amsgrad):
+    """The accelerator path of the statistics (``index_add_`` into fixed bins, a device-side step for fused and
+    capturable Adam, chunks) gives the CPU's partials, without a host-device sync."""
+    import lightning_wd.effective_lr as el
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(256, 256).cuda()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, amsgrad=amsgrad, **impl)
+    for _ in range(3):
+        model(torch.randn(8, 256, device="cuda")).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    group = opt.param_groups[0]
+    for p in group["params"]:
+        state = opt.state[p]
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            gpu = el.adam_partial_stats(state, group, el.make_scratch(1000, p.device)).cpu()  # 1000: several chunks
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        v = state["max_exp_avg_sq" if amsgrad else "exp_avg_sq"]
+        # v_hat from the library's own division on the device (CUDA divides by a host scalar through its
+        # reciprocal, a CPU does not), then summarized on the CPU by the bincount path, whole
+        bc2 = el._bias_correction2(group["betas"][1], el._step(state), p.device)
+        cpu = el.partial_stats(torch.div(v, bc2).cpu(), group["eps"])
+        assert torch.equal(gpu[[0, 1, 3]], cpu[[0, 1, 3]]) and torch.equal(gpu[4:], cpu[4:])
+        torch.testing.assert_close(gpu[2], cpu[2])  # a sum in another order

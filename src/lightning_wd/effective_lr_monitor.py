@@ -18,10 +18,10 @@ from torch.utils.hooks import RemovableHandle
 from lightning_wd.decay import local_tensor
 from lightning_wd.effective_lr import (
     STATS,
-    adam_v_hat,
+    adam_partial_stats,
     combine_partials,
     effective_lr_from_state,
-    partial_stats,
+    make_scratch,
     stats_from_partials,
 )
 from lightning_wd.naming import optimizer_names
@@ -154,28 +154,19 @@ class EffectiveLRMonitor(Callback):
             params = [p for p in group["params"] if "exp_avg_sq" in optimizer.state.get(p, {})]
             if not params:
                 continue
-            # one row of reducible partials (min and max of v_hat, sum of the rate, count, v_hat histogram) per
-            # parameter, computed in two buffers the size of the group's largest parameter
-            rows, effs = [], []
             states = [{k: local_tensor(v) if isinstance(v, Tensor) else v for k, v in optimizer.state[p].items()}
                       for p in params]
-            # two scratch buffers for all parameters of the group, sized for the largest: fresh parameter-sized
-            # allocations per parameter would each cost page faults
-            largest: dict[torch.device, int] = {}
+            # one row of reducible partials (min and max of v_hat, sum of the rate, count, v_hat histogram) per
+            # parameter, all computed in the same chunk-sized scratch buffers
+            largest: dict[torch.device, int] = defaultdict(int)
             for s in states:
                 v = s["exp_avg_sq"]
-                largest[v.device] = max(largest.get(v.device, 0), v.numel())
-            buffers = {
-                d: (torch.empty(n, dtype=torch.float32, device=d), torch.empty(n, dtype=torch.int32, device=d))
-                for d, n in largest.items()
-            }
-            for state in states:
-                v_hat_buf, index_buf = buffers[state["exp_avg_sq"].device]
-                v_hat = adam_v_hat(state, group, out=v_hat_buf)
-                rows.append(partial_stats(v_hat, group["eps"], overwrite=True, scratch=index_buf))
-                if self.log_histogram:
-                    effs.append(effective_lr_from_state(state, group))
-            partials = torch.stack(rows)
+                largest[v.device] = max(largest[v.device], v.numel())
+            scratch = {d: make_scratch(n, d) for d, n in largest.items()}
+            device = next(iter(largest))  # `.to(device)`: a no-op unless the group spans devices
+            partials = torch.stack([adam_partial_stats(s, group, scratch[s["exp_avg_sq"].device]).to(device)
+                                    for s in states])
+            effs = [effective_lr_from_state(s, group) for s in states] if self.log_histogram else []
             self._reduce_shards(params, partials)
             lr, eps = group["lr"], group["eps"]
             prefix = f"effective_lr/{opt_name}/pg{gi}"
