@@ -1,9 +1,11 @@
-"""Memory of a non-logging training step: Adam + WeightDecay / EffectiveLRMonitor against AdamW alone.
+"""Memory of a training step: Adam + WeightDecay / EffectiveLRMonitor against AdamW alone.
 
 Counts the bytes of every tensor created during one training step (forward, backward, optimizer step and all
 callback hooks) with a ``TorchDispatchMode``, on any device; on CUDA also reports the peak allocated memory of the
 step (``torch.cuda.max_memory_allocated``). A parameter-sized buffer made by a callback would show up as a
-difference of ``4 * n_params`` bytes or more against AdamW.
+difference of ``4 * n_params`` bytes or more against AdamW. The measured step does not log, except in the last row:
+a logging step of EffectiveLRMonitor, whose scratch memory is bounded by its chunk size, not by the parameters'
+(try ``--width 4096 --depth 1``: one 16.8M-element weight).
 
     python benchmarks/step_memory.py               # CPU (or --device cuda)
 """
@@ -86,6 +88,8 @@ def main() -> None:
         "Adam(foreach) + WeightDecay": (torch.optim.Adam, [WeightDecay()]),
         "Adam(foreach) + WeightDecay(native=False)": (torch.optim.Adam, [WeightDecay(native=False)]),
         "AdamW(foreach) + EffectiveLRMonitor": (torch.optim.AdamW, [EffectiveLRMonitor()]),
+        # step 5 logs: (5 + 1) % 6 == 0
+        "AdamW(foreach) + EffectiveLRMonitor, logging": (torch.optim.AdamW, [EffectiveLRMonitor(log_every_n_steps=6)]),
     }
     n = args.width * (args.width + 1) * args.depth
     print(f"device={args.device} model={args.depth}x Linear({args.width}) = {n / 1e6:.1f}M params"

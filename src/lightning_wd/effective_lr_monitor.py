@@ -51,7 +51,9 @@ class EffectiveLRMonitor(Callback):
     - with ``log_histogram=True``, a TensorBoard histogram ``effective_lr/{param_name}/log10``.
 
     ``{optimizer}`` is the class name, with ``-k`` for its k-th repeat (``Adam``, ``Adam-1``). Nothing is computed
-    on other steps; on a logging step the statistics are computed on the device and reach the host in one transfer.
+    on other steps; on a logging step the statistics are computed on the device and reach the host in one transfer,
+    and each parameter is worked through in chunks of :func:`lightning_wd.effective_lr.chunk_elements` elements in two
+    scratch buffers reused for all parameters, so the extra memory does not grow with the largest parameter.
     ``min``, ``max`` and ``mean`` are exact; ``median`` is the lower median read from a histogram of ``v_hat`` (64
     bins per power of two, read off the fp32 bits), within a relative error of
     :func:`lightning_wd.effective_lr.histogram_median_rel_error` (0.39%): an exact median costs a sort or a

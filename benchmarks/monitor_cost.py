@@ -1,0 +1,115 @@
+"""What EffectiveLRMonitor costs per logging step, and so at any interval, measured step by step in ``Trainer.fit``.
+
+Two fit-time totals that differ by ~1% cannot be told apart on a noisy machine, so this script times every step: in
+the same fit, the monitor's logging steps against its other steps (the extra milliseconds of a logging step), and, in
+interleaved fits, its other steps against AdamW without the monitor (what a non-logging step costs, which should be
+nothing). The cost at an interval ``N`` is then ``extra / (N * step)``. The model is fit_time.py's optimizer-bound
+stack of ``Linear`` layers, the monitor's worst case: its step does little but the optimizer's passes, which the
+monitor's statistics match in size.
+
+    OMP_NUM_THREADS=1 python benchmarks/monitor_cost.py     # CPU (or --device cuda)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_wd import EffectiveLRMonitor
+
+
+class StepTimes(Callback):
+    """The wall time of every training step, by its index (device-synchronized)."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.last = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self.last)
+
+
+class Wide(L.LightningModule):
+    def __init__(self, fused: bool, width: int, depth: int) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(depth)])
+        self.fused = fused
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        impl = {"fused": True} if self.fused else {"foreach": True}
+        return torch.optim.AdamW(self.parameters(), lr=1e-4, weight_decay=0.01, **impl)
+
+
+def fit(fused: bool, every: int | None, args, log_dir: str) -> list[float]:
+    torch.manual_seed(0)
+    timer = StepTimes()
+    callbacks = [timer] if every is None else [EffectiveLRMonitor(log_every_n_steps=every), timer]
+    trainer = L.Trainer(
+        accelerator=args.device, devices=1, max_steps=args.steps, logger=CSVLogger(log_dir), log_every_n_steps=50,
+        callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+    )
+    data = DataLoader(TensorDataset(torch.randn(args.steps * 4, args.width)), batch_size=4)
+    trainer.fit(Wide(fused, args.width, args.depth), data)
+    return timer.times[args.warmup :]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--width", type=int, default=1024)
+    ap.add_argument("--depth", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=210)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--every", type=int, default=5, help="the monitor's interval in the timed fits")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    n = args.width * (args.width + 1) * args.depth
+    print(f"device={args.device} model={args.depth}x Linear({args.width}) = {n / 1e6:.1f}M params, batch 4, "
+          f"{args.steps} steps ({args.warmup} warm-up), monitor every {args.every} steps, {args.rounds} rounds")
+    print(f"\n{'optimizer':14s} {'AdamW ms':>9s} {'non-log ms':>10s} {'vs AdamW':>8s} {'log-step extra ms':>17s} "
+          f"{'every step':>10s} {'every 50':>8s}")
+    with tempfile.TemporaryDirectory() as log_dir:
+        for fused in (False, True):
+            ref: list[float] = []
+            plain: list[float] = []
+            logging_: list[float] = []
+            for _ in range(args.rounds):
+                ref += fit(fused, None, args, log_dir)
+                times = fit(fused, args.every, args, log_dir)
+                # step i (counted from 0 before the warm-up cut) logs when (i + 1) % every == 0
+                for i, t in enumerate(times, start=args.warmup):
+                    (logging_ if (i + 1) % args.every == 0 else plain).append(t)
+            base, step = statistics.median(ref), statistics.median(plain)
+            extra = statistics.median(logging_) - step
+            name = "AdamW(fused)" if fused else "AdamW(foreach)"
+            print(f"{name:14s} {base * 1e3:9.2f} {step * 1e3:10.2f} {step / base:8.3f} {extra * 1e3:17.2f} "
+                  f"{1 + extra / base:9.2f}x {extra / (50 * base):8.2%}")
+    print("\nevery step: the step time with a logging step on each step, as a multiple of AdamW's;"
+          " every 50: the share of fit time the monitor adds at its default interval (extra / (50 x AdamW step)).")
+
+
+if __name__ == "__main__":
+    main()
