@@ -16,6 +16,7 @@ import argparse
 import logging
 import tempfile
 import warnings
+import weakref
 
 import lightning as L
 import torch
@@ -27,16 +28,28 @@ from lightning_wd import EffectiveLRMonitor, WeightDecay
 
 
 class CreatedBytes(TorchDispatchMode):
+    """The bytes of the tensors created under the mode (``total``), and the most of them alive at once (``peak``):
+    a storage's Python object lives exactly as long as the storage, so a finalizer on it sees the storage freed."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.total = 0
+        self.total = self.live = self.peak = 0
+        self._seen: weakref.WeakSet = weakref.WeakSet()
+
+    def _freed(self, nbytes: int) -> None:
+        self.live -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if not any(r.alias_info is not None for r in func._schema.returns):  # in-place ops and views create nothing
             for t in out if isinstance(out, (list, tuple)) else [out]:
-                if isinstance(t, torch.Tensor):
-                    self.total += t.untyped_storage().nbytes()
+                if isinstance(t, torch.Tensor) and t.untyped_storage() not in self._seen:
+                    storage = t.untyped_storage()
+                    self._seen.add(storage)
+                    self.total += storage.nbytes()
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._freed, storage.nbytes())
         return out
 
 
@@ -44,7 +57,7 @@ class MeasureStep(L.Callback):
     """Measures training step ``index`` (a non-logging step) from its start to its end."""
 
     def __init__(self, index: int) -> None:
-        self.index, self.mode, self.created, self.peak = index, None, 0, 0
+        self.index, self.mode, self.created, self.live_peak, self.peak = index, None, 0, 0, 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == self.index:
@@ -57,7 +70,7 @@ class MeasureStep(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if batch_idx == self.index:
             self.mode.__exit__(None, None, None)
-            self.created = self.mode.total
+            self.created, self.live_peak = self.mode.total, self.mode.peak
             if pl_module.device.type == "cuda":
                 self.peak = torch.cuda.max_memory_allocated()
 
@@ -94,8 +107,9 @@ def main() -> None:
     n = args.width * (args.width + 1) * args.depth
     print(f"device={args.device} model={args.depth}x Linear({args.width}) = {n / 1e6:.1f}M params"
           f" ({4 * n / 2**20:.1f} MiB of fp32 weights); step 5 of 8, log_every_n_steps=50 (a non-logging step)")
-    print(f"{'configuration':44s} {'created MiB':>12s} {'vs AdamW':>10s} {'peak MiB':>10s}")
-    ref = None
+    print(f"{'configuration':44s} {'created MiB':>12s} {'vs AdamW':>10s} {'peak live MiB':>14s} {'vs AdamW':>10s}"
+          f" {'CUDA peak MiB':>14s}")
+    ref = ref_peak = None
     log_dir = tempfile.mkdtemp()
     for name, (cls, callbacks) in configs.items():
         measure = MeasureStep(5)
@@ -106,8 +120,10 @@ def main() -> None:
         trainer.fit(Wide(cls, args.width, args.depth),
                     DataLoader(TensorDataset(torch.randn(32, args.width)), batch_size=4))
         ref = measure.created if ref is None else ref
-        peak = f"{measure.peak / 2**20:10.1f}" if args.device == "cuda" else f"{'n/a':>10s}"
-        print(f"{name:44s} {measure.created / 2**20:12.1f} {(measure.created - ref) / 2**20:+10.1f} {peak}")
+        ref_peak = measure.live_peak if ref_peak is None else ref_peak
+        peak = f"{measure.peak / 2**20:14.1f}" if args.device == "cuda" else f"{'n/a':>14s}"
+        print(f"{name:44s} {measure.created / 2**20:12.1f} {(measure.created - ref) / 2**20:+10.1f}"
+              f" {measure.live_peak / 2**20:14.1f} {(measure.live_peak - ref_peak) / 2**20:+10.1f} {peak}")
 
 
 if __name__ == "__main__":
