@@ -1,6 +1,9 @@
-"""The callbacks allocate no parameter-sized buffers on non-logging steps: a step allocates what AdamW's does."""
+"""The callbacks allocate no parameter-sized buffers on non-logging steps: a step allocates what AdamW's does; on a
+logging step the monitor's memory does not grow with the parameters."""
 
 from __future__ import annotations
+
+import weakref
 
 import pytest
 import torch
@@ -10,12 +13,15 @@ from lightning_wd import attach_weight_decay
 
 
 class AllocatedBytes(TorchDispatchMode):
-    """Adds up the bytes of every tensor that an op creates (in-place ops and views create none)."""
+    """Adds up the bytes of every tensor that an op creates (in-place ops and views create none), and keeps the
+    largest one and the most alive at once (a storage's Python object lives as long as the storage itself)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.total = 0
-        self.largest = 0
+        self.total = self.largest = self.live = self.peak = 0
+
+    def _freed(self, n: int) -> None:
+        self.live -= n
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -27,6 +33,9 @@ class AllocatedBytes(TorchDispatchMode):
                     n = t.untyped_storage().nbytes()
                     self.total += n
                     self.largest = max(self.largest, n)
+                    self.live += n
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(t.untyped_storage(), self._freed, n)
         return out
 
 
@@ -60,3 +69,28 @@ def test_generic_coupled_pass_allocates_nothing():
     # SGD's own L2 (`grad.add(param)`) allocates a new gradient; ours adds in place into .grad
     assert ours.total < ref.total
     assert ref.total - ours.total == 2 * (256 * 256 + 256) * 4
+
+
+def monitor_logging_step_allocations(width: int, monkeypatch) -> AllocatedBytes:
+    import lightning_wd.effective_lr as el
+    from lightning_wd import EffectiveLRMonitor
+
+    monkeypatch.setattr(el, "chunk_elements", lambda device: 4096)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(width, width)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(4, width)).sum().backward()
+    opt.step()
+    monitor = EffectiveLRMonitor()
+    with AllocatedBytes() as counter, torch.no_grad():
+        monitor._collect("Adam", opt)  # what the monitor's step hook does on a logging step
+    return counter
+
+
+def test_monitor_logging_step_memory_does_not_grow_with_the_parameters(monkeypatch):
+    small = monitor_logging_step_allocations(512, monkeypatch)  # a 256K-element weight: 64 chunks
+    large = monitor_logging_step_allocations(2048, monkeypatch)  # 4M elements: 1024 chunks
+    # the same two chunk-sized scratch buffers and per-parameter statistics, whatever the size of the weight; more
+    # chunks make more small temporaries, one at a time
+    assert large.largest == small.largest
+    assert large.peak == small.peak < 512 * 512 * 4  # less than one copy of even the smaller weight
