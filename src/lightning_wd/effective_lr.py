@@ -112,9 +112,10 @@ def _step(state: dict[str, Any]) -> float | Tensor:
 def chunk_elements(device: torch.device) -> int:
     """How many elements :func:`partial_stats` processes at a time on ``device``.
 
-    On a CPU, chunks of 1M elements (4 MB) stay in cache across the passes over them: an 8M-element tensor is summed
-    up 20% faster in chunks than whole. On an accelerator the chunks are larger, to keep the number of kernel
-    launches down; either way the scratch memory of a logging step is bounded, whatever the largest parameter.
+    On a CPU, chunks of 1M elements (4 MB) stay in cache across the passes over them: an 8M-element tensor is
+    summarized about 20% faster in chunks than whole, a 16.8M-element one about 3x faster (BENCHMARKS.md). On an
+    accelerator the chunks are larger, to keep the number of kernel launches down; either way the scratch memory of a
+    logging step is bounded, whatever the largest parameter.
     """
     return 1 << 20 if device.type == "cpu" else 1 << 24
 
@@ -165,7 +166,7 @@ def partial_stats(
             v_hat.copy_(chunk)
         elif chunk.dtype == torch.float32:
             torch.div(chunk, bias_correction2, out=v_hat)
-        else:  # in fp32, as Adam's own arithmetic is for low-precision states on CPU
+        else:  # a low-precision state (bf16 v) is summarized in fp32, like everything else
             v_hat.copy_(chunk).div_(bias_correction2)
         lo, hi = torch.aminmax(v_hat)
         mins.append(lo)
@@ -189,7 +190,8 @@ def _count_bins(idx: Tensor, hist: Tensor, offset: int = 0, bincount: bool | Non
     output from the data, which costs a host sync; ``index_add_`` takes the int32 ``idx`` as it is, where
     ``scatter_add_`` would need an int64 copy). Both count from 0, so that the offset costs no pass over ``idx``.
     """
-    if bincount if bincount is not None else idx.device.type == "cpu":
+    use_bincount = idx.device.type == "cpu" if bincount is None else bincount
+    if use_bincount:
         hist += torch.bincount(idx, minlength=offset + hist.numel())[offset:]
     else:
         counts = torch.zeros(offset + hist.numel(), dtype=hist.dtype, device=hist.device)
