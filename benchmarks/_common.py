@@ -1,4 +1,5 @@
-"""Shared bits of the benchmark scripts: timing by interleaved repeats, and a transformer's parameter shapes."""
+"""Shared bits of the benchmark scripts: timing by interleaved repeats, a transformer's parameter shapes, and the
+optimizer-bound LightningModule of the fit benchmarks."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import lightning as L
 import torch
 
 
@@ -35,3 +37,19 @@ def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int, device
             sync(device)
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+class Wide(L.LightningModule):
+    """``depth`` wide ``Linear`` layers fed small batches: the optimizer's passes over the weights, not the matmuls,
+    dominate a step, so any cost a callback adds to them shows at its largest."""
+
+    def __init__(self, make_opt: Callable, width: int, depth: int) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(depth)])
+        self.make_opt = make_opt
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return self.make_opt(self.parameters())

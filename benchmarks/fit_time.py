@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
+from _common import Wide
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
@@ -45,19 +46,6 @@ class StepTimer(Callback):
     def mean_step(self) -> float:
         s = self.stamps[self.warmup :]
         return (s[-1] - s[0]) / (len(s) - 1)
-
-
-class Wide(L.LightningModule):
-    def __init__(self, make_opt: Callable, width: int, depth: int) -> None:
-        super().__init__()
-        self.net = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(depth)])
-        self.make_opt = make_opt
-
-    def training_step(self, batch, batch_idx):
-        return self.net(batch[0]).pow(2).mean()
-
-    def configure_optimizers(self):
-        return self.make_opt(self.parameters())
 
 
 def configs(fused: bool) -> dict[str, tuple[Callable, list[Callable[[], Callback]], str]]:

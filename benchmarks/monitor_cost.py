@@ -20,6 +20,7 @@ import warnings
 
 import lightning as L
 import torch
+from _common import Wide
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
@@ -45,20 +46,6 @@ class StepTimes(Callback):
         self.times.append(time.perf_counter() - self.last)
 
 
-class Wide(L.LightningModule):
-    def __init__(self, fused: bool, width: int, depth: int) -> None:
-        super().__init__()
-        self.net = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(depth)])
-        self.fused = fused
-
-    def training_step(self, batch, batch_idx):
-        return self.net(batch[0]).pow(2).mean()
-
-    def configure_optimizers(self):
-        impl = {"fused": True} if self.fused else {"foreach": True}
-        return torch.optim.AdamW(self.parameters(), lr=1e-4, weight_decay=0.01, **impl)
-
-
 def fit(fused: bool, every: int | None, args, log_dir: str) -> list[float]:
     torch.manual_seed(0)
     timer = StepTimes()
@@ -68,7 +55,9 @@ def fit(fused: bool, every: int | None, args, log_dir: str) -> list[float]:
         callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
     )
     data = DataLoader(TensorDataset(torch.randn(args.steps * 4, args.width)), batch_size=4)
-    trainer.fit(Wide(fused, args.width, args.depth), data)
+    impl = {"fused": True} if fused else {"foreach": True}
+    make_opt = lambda p: torch.optim.AdamW(p, lr=1e-4, weight_decay=0.01, **impl)  # noqa: E731
+    trainer.fit(Wide(make_opt, args.width, args.depth), data)
     return timer.times[args.warmup :]
 
 

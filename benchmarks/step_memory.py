@@ -20,6 +20,7 @@ import weakref
 
 import lightning as L
 import torch
+from _common import Wide
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
@@ -75,19 +76,6 @@ class MeasureStep(L.Callback):
                 self.peak = torch.cuda.max_memory_allocated()
 
 
-class Wide(L.LightningModule):
-    def __init__(self, cls, width: int, depth: int) -> None:
-        super().__init__()
-        self.net = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(depth)])
-        self.cls = cls
-
-    def training_step(self, batch, batch_idx):
-        return self.net(batch[0]).pow(2).mean()
-
-    def configure_optimizers(self):
-        return self.cls(self.parameters(), lr=1e-4, weight_decay=0.01, foreach=True)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -117,7 +105,8 @@ def main() -> None:
                             log_every_n_steps=50,
                             callbacks=[*callbacks, measure], enable_progress_bar=False,
                             enable_model_summary=False, enable_checkpointing=False)
-        trainer.fit(Wide(cls, args.width, args.depth),
+        make_opt = lambda p, cls=cls: cls(p, lr=1e-4, weight_decay=0.01, foreach=True)  # noqa: E731
+        trainer.fit(Wide(make_opt, args.width, args.depth),
                     DataLoader(TensorDataset(torch.randn(32, args.width)), batch_size=4))
         ref = measure.created if ref is None else ref
         ref_peak = measure.live_peak if ref_peak is None else ref_peak
