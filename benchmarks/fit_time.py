@@ -100,7 +100,7 @@ def main() -> None:
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     n = args.width * (args.width + 1) * args.depth
-    print(f"device={args.device} model={args.depth}x Linear({args.width}) = {n / 1e6:.1f}M params, batch 4, "
+    print(f"device={args.device} model={args.depth}x Linear({args.width}) = {n:,} params, batch 4, "
           f"{args.steps} steps ({args.warmup} warm-up), {args.rounds} rounds")
     with tempfile.TemporaryDirectory() as log_dir:
         for fused in (False, True):

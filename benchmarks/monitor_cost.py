@@ -76,7 +76,7 @@ def main() -> None:
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     n = args.width * (args.width + 1) * args.depth
-    print(f"device={args.device} model={args.depth}x Linear({args.width}) = {n / 1e6:.1f}M params, batch 4, "
+    print(f"device={args.device} model={args.depth}x Linear({args.width}) = {n:,} params, batch 4, "
           f"{args.steps} steps ({args.warmup} warm-up), monitor every {args.every} steps, {args.rounds} rounds")
     print(f"\n{'optimizer':14s} {'AdamW ms':>9s} {'non-log ms':>10s} {'vs AdamW':>8s} {'log-step extra ms':>17s} "
           f"{'every step':>10s} {'every 50':>8s}")

@@ -93,7 +93,7 @@ def main() -> None:
         "AdamW(foreach) + EffectiveLRMonitor, logging": (torch.optim.AdamW, [EffectiveLRMonitor(log_every_n_steps=6)]),
     }
     n = args.width * (args.width + 1) * args.depth
-    print(f"device={args.device} model={args.depth}x Linear({args.width}) = {n / 1e6:.1f}M params"
+    print(f"device={args.device} model={args.depth}x Linear({args.width}) = {n:,} params"
           f" ({4 * n / 2**20:.1f} MiB of fp32 weights); step 5 of 8, log_every_n_steps=50 (a non-logging step)")
     print(f"{'configuration':44s} {'created MiB':>12s} {'vs AdamW':>10s} {'peak live MiB':>14s} {'vs AdamW':>10s}"
           f" {'CUDA peak MiB':>14s}")

@@ -67,6 +67,14 @@ def test_partials_of_shards_combine_into_the_whole_and_empty_shards_are_neutral(
     assert histogram_median_rel_error() < 0.004
 
 
+def test_no_elements_give_nan_statistics_and_stay_neutral_in_a_combination():
+    empty = partial_stats(torch.empty(0), 1e-8)
+    assert torch.isnan(stats_from_partials(empty, 1e-3, 1e-8)).all()
+    some = partial_stats(torch.rand(10), 1e-8)
+    both = stats_from_partials(torch.stack([empty, some]), 1e-3, 1e-8)
+    assert torch.isnan(both[0]).all() and not torch.isnan(both[1]).any()
+
+
 def test_values_outside_the_histogram_range_land_in_the_end_bins():
     v_hat = torch.tensor([0.0, 1e-40, 1e20, 1e30])
     p = partial_stats(v_hat, 1e-8)

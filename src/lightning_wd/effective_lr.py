@@ -34,7 +34,9 @@ _SHIFT = 23 - MANTISSA_BITS
 
 __all__ = [
     "HIST_BINS",
+    "MANTISSA_BITS",
     "STATS",
+    "V_HAT_EXPONENTS",
     "adam_effective_lr",
     "adam_partial_stats",
     "chunk_elements",
@@ -214,7 +216,8 @@ def stats_from_partials(partials: Tensor, lr: float | Tensor, eps: float) -> Ten
     partials ``[..., 4 + HIST_BINS]``.
 
     ``min``, ``max`` and ``mean`` are exact; ``median`` is the effective lr at the geometric centre of the histogram
-    bin holding the median, within :func:`histogram_median_rel_error` (0.39%) of the exact lower median.
+    bin holding the median, within :func:`histogram_median_rel_error` (0.39%) of the exact lower median. A row of
+    no elements (count 0) gives NaN for all four.
     """
     if isinstance(lr, Tensor):
         lr = lr.to(partials.device)
@@ -230,7 +233,9 @@ def stats_from_partials(partials: Tensor, lr: float | Tensor, eps: float) -> Ten
     centre = torch.sqrt(low * high)
     median = 1 / (torch.sqrt(centre) + eps) * lr
     stats = [_rate(partials[..., 1], lr, eps).double(), _rate(partials[..., 0], lr, eps).double(), mean, median]
-    return torch.stack(stats).movedim(0, -1).float()
+    stats = torch.stack(stats).movedim(0, -1)
+    # no elements, no statistics (rather than the rate of an empty histogram's first bin)
+    return stats.masked_fill(partials[..., 3:4] == 0, float("nan")).float()
 
 
 def histogram_median_rel_error() -> float:
