@@ -91,12 +91,12 @@ def test_the_input_is_left_alone_and_scratch_buffers_are_used():
     assert not (values == -1.0).any()  # the work happened in the buffer the caller gave
 
 
-def test_bias_correction_divides_v_as_adam_does():
+def test_bias_correction_gives_the_partials_of_v_divided_by_it():
     g = torch.Generator().manual_seed(4)
     v = torch.rand(1000, generator=g) * 1e-4
     for bc2 in (0.3, torch.tensor(0.3)):
         p = partial_stats(v, 1e-8, bc2)
-        ref = partial_stats(torch.div(v, 0.3), 1e-8)  # v_hat as adam_effective_lr and Adam compute it
+        ref = partial_stats(torch.div(v, 0.3), 1e-8)  # v_hat = v / bias_correction2, a float or a tensor alike
         assert torch.equal(p[[0, 1, 3]], ref[[0, 1, 3]]) and torch.equal(p[4:], ref[4:])
         torch.testing.assert_close(p[2], ref[2])
 
@@ -122,8 +122,8 @@ def test_chunks_give_the_partials_of_the_whole_tensor(monkeypatch, chunk):
     torch.testing.assert_close(chunked[2], whole[2], rtol=1e-6, atol=0)  # the same sum in another order
 
 
-def test_scatter_counting_used_off_the_cpu_matches_bincount():
-    # the accelerator path (scatter_add_ into fixed bins) checked against the CPU path on the same indices
+def test_index_add_counting_used_off_the_cpu_matches_bincount():
+    # the accelerator path (index_add_ into fixed bins) checked against the CPU path on the same indices
     idx = torch.randint(0, 50, (10_000,), generator=torch.Generator().manual_seed(6), dtype=torch.int32)
     a, b = torch.zeros(45, dtype=torch.float64), torch.zeros(45, dtype=torch.float64)
     _count_bins(idx.clamp(5, 49), a, offset=5, bincount=True)
