@@ -220,3 +220,12 @@ def test_amp_fused_coupled_sees_still_scaled_gradients(native):
     ref = _amp_run(lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=0.2, fused=True))
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_group_without_torchs_decoupled_flag_takes_the_generic_pass():
+    # torch releases before the `decoupled_weight_decay` group flag: the decay cannot ride in Adam's own kernel there
+    opt = torch.optim.Adam(model().parameters(), lr=0.01, weight_decay=0.1)
+    handle = attach_weight_decay(opt, mode="decoupled")
+    old_style = {k: v for k, v in opt.param_groups[0].items() if k != "decoupled_weight_decay"}
+    assert handle._uses_native(opt.param_groups[0])
+    assert not handle._uses_native(old_style)
