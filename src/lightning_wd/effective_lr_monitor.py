@@ -173,12 +173,15 @@ class EffectiveLRMonitor(Callback):
             lr, eps = group["lr"], group["eps"]
             prefix = f"effective_lr/{opt_name}/pg{gi}"
             names = [self._names.get(id(p), f"{opt_name}/pg{gi}/param{i}") for i, p in enumerate(params)]
+            # the rows of the parameters and of the whole group, summarized by one call
+            rows, keys = [], []
             if self.per_parameter:
-                keys = [f"effective_lr/{n}/{s}" for n in names for s in STATS]
-                self._pending.append((keys, stats_from_partials(partials, lr, eps).flatten()))
+                rows.append(partials)
+                keys += [f"effective_lr/{n}/{s}" for n in names for s in STATS]
             if self.per_group:
-                group_stats = stats_from_partials(combine_partials(partials), lr, eps)
-                self._pending.append(([f"{prefix}/{s}" for s in STATS], group_stats))
+                rows.append(combine_partials(partials).unsqueeze(0))
+                keys += [f"{prefix}/{s}" for s in STATS]
+            self._pending.append((keys, stats_from_partials(torch.cat(rows), lr, eps).flatten()))
             if self.log_histogram:
                 self._histograms.extend(
                     (f"effective_lr/{n}/log10", e) for n, p, e in zip(names, params, effs) if not _shard_groups(p)
