@@ -116,8 +116,9 @@ def chunk_elements(device: torch.device) -> int:
 
     On a CPU, chunks of 1M elements (4 MB) stay in cache across the passes over them: an 8.4M-element tensor takes
     1.3x as long all at once as in chunks (``benchmarks/stats_pass.py``), and a logging step on a 16.8M-element
-    parameter took 2.7x as long with parameter-sized scratch buffers (BENCHMARKS.md). On an accelerator the chunks are larger, to keep the number of kernel launches down; either way the scratch memory of a
-    logging step is bounded, whatever the largest parameter.
+    parameter took 2.7x as long with parameter-sized scratch buffers (BENCHMARKS.md). On an accelerator the chunks
+    are larger, to keep the number of kernel launches down; either way the scratch memory of a logging step is
+    bounded, whatever the largest parameter.
     """
     return 1 << 20 if device.type == "cpu" else 1 << 24
 
