@@ -120,7 +120,7 @@ def chunk_elements(device: torch.device) -> int:
     are larger, to keep the number of kernel launches down; either way the scratch memory of a logging step is
     bounded, whatever the largest parameter.
     """
-    return 1 << 20 if device.type == "cpu" else 1 << 24
+    return 1 << 19 if device.type == "cpu" else 1 << 24
 
 
 def make_scratch(numel: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -162,6 +162,8 @@ def partial_stats(
         out[0], out[1] = float("inf"), float("-inf")
         return out
     values, indices = make_scratch(x.numel(), x.device) if scratch is None else scratch
+    # counted from bin index 0, so that the offset of the first bin costs no pass over the elements
+    counts = torch.zeros(_LAST_BIN_BITS + 1, dtype=torch.float64, device=x.device)
     mins, maxs, sums = [], [], []
     for chunk in x.split(values.numel()):
         v_hat = values[: chunk.numel()]
@@ -175,7 +177,7 @@ def partial_stats(
         mins.append(lo)
         maxs.append(hi)
         idx = torch.bitwise_right_shift(v_hat.view(torch.int32), _SHIFT, out=indices[: chunk.numel()])
-        _count_bins(idx.clamp_(_FIRST_BIN_BITS, _LAST_BIN_BITS), out[4:], offset=_FIRST_BIN_BITS)
+        _count_bins(idx.clamp_(_FIRST_BIN_BITS, _LAST_BIN_BITS), counts)
         # torch's fp32 sum is a cascade sum, accurate to ~1e-7 without an fp64 copy
         sums.append(v_hat.sqrt_().add_(eps).reciprocal_().sum())
     if len(sums) == 1:  # the usual case: one small copy, no reductions over chunks
@@ -183,23 +185,19 @@ def partial_stats(
     else:
         out[:3] = torch.stack([torch.stack(mins).min(), torch.stack(maxs).max(), torch.stack(sums).sum()])
     out[3] = x.numel()
+    out[4:] = counts[_FIRST_BIN_BITS:]
     return out
 
 
-def _count_bins(idx: Tensor, hist: Tensor, offset: int = 0, bincount: bool | None = None) -> None:
-    """``hist[i] += (idx == offset + i).sum()`` for every ``i`` (``idx`` within ``[offset, offset + len(hist))``).
-
-    ``bincount`` on a CPU (the fastest there), elsewhere an ``index_add_`` into fixed bins (``bincount`` sizes its
-    output from the data, which costs a host sync; ``index_add_`` takes the int32 ``idx`` as it is, where
-    ``scatter_add_`` would need an int64 copy). Both count from 0, so that the offset costs no pass over ``idx``.
-    """
+def _count_bins(idx: Tensor, counts: Tensor, bincount: bool | None = None) -> None:
+    """``counts[i] += (idx == i).sum()`` for every ``i``: ``bincount`` on a CPU (the fastest there), elsewhere an
+    ``index_add_`` into the fixed bins (``bincount`` sizes its output from the data, which costs a host sync;
+    ``index_add_`` takes the int32 ``idx`` as it is, where ``scatter_add_`` would need an int64 copy)."""
     use_bincount = idx.device.type == "cpu" if bincount is None else bincount
     if use_bincount:
-        hist += torch.bincount(idx, minlength=offset + hist.numel())[offset:]
+        counts += torch.bincount(idx, minlength=counts.numel())
     else:
-        counts = torch.zeros(offset + hist.numel(), dtype=hist.dtype, device=hist.device)
-        counts.index_add_(0, idx, torch.ones((), dtype=hist.dtype, device=hist.device).expand(idx.shape))
-        hist += counts[offset:]
+        counts.index_add_(0, idx, torch.ones((), dtype=counts.dtype, device=counts.device).expand(idx.shape))
 
 
 def combine_partials(partials: Tensor) -> Tensor:
