@@ -2,7 +2,8 @@
 
 Prints, on one device, each as a ratio to the chosen implementation in the same run:
 1. the histogram kernels tried for the median, on the same int32 bin indices;
-2. the statistics of one large tensor in chunks (the default) against all at once;
+2. the statistics of one large tensor in chunks (the default) against all at once, and the chunk sizes on the
+   second moments of a fused AdamW as its step leaves them (in memory, not in cache);
 3. where the time of the pass goes, op by op (torch profiler), over several 1M-element second moments;
 4. with ``--compile``, a ``torch.compile``d pass that fuses the division, min, max, sum and bin index into one kernel
    (plus the same ``bincount``), against the eager pass; it also prints the compile time.
@@ -13,6 +14,7 @@ Prints, on one device, each as a ratio to the chosen implementation in the same 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -64,6 +66,41 @@ def chunks(v: torch.Tensor, repeats: int) -> None:
     ref = next(iter(times.values()))
     print(f"\n2. statistics of one {v.numel():,}-element tensor (scratch reused across repeats)")
     for name, t in times.items():
+        print(f"   {name:46s} {t * 1e3:8.3f} ms  {t / ref:5.2f}x")
+
+
+def chunk_sizes(device: torch.device, repeats: int) -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(8)]).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
+    for _ in range(2):
+        net(torch.randn(4, 1024, device=device)).pow(2).mean().backward()
+        opt.step()
+    group = opt.param_groups[0]
+    states = [opt.state[p] for p in group["params"]]
+    default = el.chunk_elements(device)
+    sizes = [default // 4, default // 2, default, default * 2]
+    times: dict[int, list[float]] = {c: [] for c in sizes}
+    original = el.chunk_elements
+    try:
+        for _ in range(repeats):
+            for c in sizes:
+                el.chunk_elements = lambda d, c=c: c  # what make_scratch sizes the buffers by
+                scratch = el.make_scratch(1 << 30, device)
+                opt.step()  # the second moments as a logging step finds them
+                sync(device)
+                start = time.perf_counter()
+                for state in states:
+                    el.adam_partial_stats(state, group, scratch)
+                sync(device)
+                times[c].append(time.perf_counter() - start)
+    finally:
+        el.chunk_elements = original
+    ref = statistics.median(times[default])
+    print("\n   chunk sizes, the 8 x Linear(1024) second moments of a fused AdamW right after its step")
+    for c in sizes:
+        t = statistics.median(times[c])
+        name = f"chunks of {c:,}" + (" (the default)" if c == default else "")
         print(f"   {name:46s} {t * 1e3:8.3f} ms  {t / ref:5.2f}x")
 
 
@@ -129,6 +166,7 @@ def main() -> None:
     vs = second_moments(8, 1 << 20, device)
     histogram_kernels(vs[0], args.repeats)
     chunks(torch.cat(vs) if device.type == "cpu" else torch.cat(vs * 8), args.repeats)
+    chunk_sizes(device, args.repeats)
     breakdown(vs)
     if args.compile:
         compiled(vs, args.repeats)

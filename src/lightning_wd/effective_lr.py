@@ -114,7 +114,7 @@ def _step(state: dict[str, Any]) -> float | Tensor:
 def chunk_elements(device: torch.device) -> int:
     """How many elements :func:`partial_stats` processes at a time on ``device``.
 
-    On a CPU, chunks of 1M elements (4 MB) stay in cache across the passes over them: an 8.4M-element tensor takes
+    On a CPU, chunks of 512K elements (2 MB) stay in cache across the passes over them: an 8.4M-element tensor takes
     1.3x as long all at once as in chunks (``benchmarks/stats_pass.py``), and a logging step on a 16.8M-element
     parameter took 2.7x as long with parameter-sized scratch buffers (BENCHMARKS.md). On an accelerator the chunks
     are larger, to keep the number of kernel launches down; either way the scratch memory of a logging step is
