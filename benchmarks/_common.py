@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, TensorDataset
 
 
 def gpt2_small_shapes(layers: int = 12, d: int = 768, vocab: int = 50257, ctx: int = 1024) -> list[tuple[int, ...]]:
@@ -53,3 +55,17 @@ class Wide(L.LightningModule):
 
     def configure_optimizers(self):
         return self.make_opt(self.parameters())
+
+
+def fit_wide(
+    make_opt: Callable, callbacks: list, device: str, steps: int, width: int, depth: int, log_dir: str
+) -> None:
+    """``Trainer.fit`` of a :class:`Wide` model for ``steps`` steps of batch 4, with a CSV logger, Lightning's default
+    logging interval (50) and nothing else (no progress bar, model summary or checkpoints)."""
+    torch.manual_seed(0)
+    trainer = L.Trainer(
+        accelerator=device, devices=1, max_steps=steps, logger=CSVLogger(log_dir), log_every_n_steps=50,
+        callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+    )
+    data = DataLoader(TensorDataset(torch.randn(steps * 4, width)), batch_size=4)
+    trainer.fit(Wide(make_opt, width, depth), data)

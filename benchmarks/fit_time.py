@@ -20,12 +20,9 @@ import time
 import warnings
 from collections.abc import Callable
 
-import lightning as L
 import torch
-from _common import Wide
+from _common import fit_wide
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import CSVLogger
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_wd import EffectiveLRMonitor, WeightDecay
 
@@ -69,15 +66,8 @@ def configs(fused: bool) -> dict[str, tuple[Callable, list[Callable[[], Callback
 
 
 def run(make_opt, callbacks, args, log_dir: str) -> float:
-    torch.manual_seed(0)
     timer = StepTimer(args.warmup)
-    trainer = L.Trainer(
-        accelerator=args.device, devices=1, max_steps=args.steps, logger=CSVLogger(log_dir), log_every_n_steps=50,
-        callbacks=[*(c() for c in callbacks), timer], enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    data = DataLoader(TensorDataset(torch.randn(args.steps * 4, args.width)), batch_size=4)
-    trainer.fit(Wide(make_opt, args.width, args.depth), data)
+    fit_wide(make_opt, [*(c() for c in callbacks), timer], args.device, args.steps, args.width, args.depth, log_dir)
     return timer.mean_step
 
 

@@ -18,12 +18,9 @@ import tempfile
 import time
 import warnings
 
-import lightning as L
 import torch
-from _common import Wide
+from _common import fit_wide
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import CSVLogger
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_wd import EffectiveLRMonitor
 
@@ -47,17 +44,11 @@ class StepTimes(Callback):
 
 
 def fit(fused: bool, every: int | None, args, log_dir: str) -> list[float]:
-    torch.manual_seed(0)
     timer = StepTimes()
     callbacks = [timer] if every is None else [EffectiveLRMonitor(log_every_n_steps=every), timer]
-    trainer = L.Trainer(
-        accelerator=args.device, devices=1, max_steps=args.steps, logger=CSVLogger(log_dir), log_every_n_steps=50,
-        callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-    )
-    data = DataLoader(TensorDataset(torch.randn(args.steps * 4, args.width)), batch_size=4)
     impl = {"fused": True} if fused else {"foreach": True}
     make_opt = lambda p: torch.optim.AdamW(p, lr=1e-4, weight_decay=0.01, **impl)  # noqa: E731
-    trainer.fit(Wide(make_opt, args.width, args.depth), data)
+    fit_wide(make_opt, callbacks, args.device, args.steps, args.width, args.depth, log_dir)
     return timer.times[args.warmup :]
 
 
