@@ -167,9 +167,7 @@ def partial_stats(
     mins, maxs, sums = [], [], []
     for chunk in x.split(values.numel()):
         v_hat = values[: chunk.numel()]
-        if isinstance(bias_correction2, float) and bias_correction2 == 1.0:
-            v_hat.copy_(chunk)
-        elif chunk.dtype == torch.float32:
+        if chunk.dtype == torch.float32:
             torch.div(chunk, bias_correction2, out=v_hat)
         else:  # a low-precision state (bf16 v) is summarized in fp32, like everything else
             v_hat.copy_(chunk).div_(bias_correction2)
@@ -180,10 +178,7 @@ def partial_stats(
         _count_bins(idx.clamp_(_FIRST_BIN_BITS, _LAST_BIN_BITS), counts)
         # torch's fp32 sum is a cascade sum, accurate to ~1e-7 without an fp64 copy
         sums.append(v_hat.sqrt_().add_(eps).reciprocal_().sum())
-    if len(sums) == 1:  # the usual case: one small copy, no reductions over chunks
-        out[:3] = torch.stack([mins[0], maxs[0], sums[0]])
-    else:
-        out[:3] = torch.stack([torch.stack(mins).min(), torch.stack(maxs).max(), torch.stack(sums).sum()])
+    out[:3] = torch.stack([torch.stack(mins).min(), torch.stack(maxs).max(), torch.stack(sums).sum()])
     out[3] = x.numel()
     out[4:] = counts[_FIRST_BIN_BITS:]
     return out
