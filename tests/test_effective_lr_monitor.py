@@ -73,6 +73,12 @@ class Reference(Callback):
             opt.register_step_post_hook(hook)
 
 
+def make_trainer(logger, callbacks: list, max_steps: int, log_every_n_steps: int) -> L.Trainer:
+    """A quiet Trainer (no progress bar, checkpoints or model summary) with the given logger and callbacks."""
+    return L.Trainer(max_steps=max_steps, log_every_n_steps=log_every_n_steps, logger=logger, callbacks=callbacks,
+                     enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+
+
 def read_metrics(log_dir: str) -> dict[int, dict[str, float]]:
     paths = glob.glob(os.path.join(log_dir, "**", "metrics.csv"), recursive=True)
     rows: dict[int, dict[str, float]] = defaultdict(dict)
@@ -105,15 +111,7 @@ CONFIGS = {
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_logged_statistics_match_reference_at_every_logged_step(tmp_path, config, scheduler):
     ref = Reference()
-    trainer = L.Trainer(
-        max_steps=12,
-        log_every_n_steps=3,
-        logger=CSVLogger(tmp_path),
-        callbacks=[EffectiveLRMonitor(), ref],
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
+    trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor(), ref], max_steps=12, log_every_n_steps=3)
     trainer.fit(Net(CONFIGS[config], scheduler), loader())
     logged = read_metrics(str(tmp_path))
     steps = sorted(s for s in logged if any(k.startswith("effective_lr/") for k in logged[s]))
@@ -185,15 +183,8 @@ def test_nothing_is_computed_on_steps_that_do_not_log(tmp_path, monkeypatch):
     real = mod.adam_partial_stats
     monkeypatch.setattr(mod, "adam_partial_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
     n_params = 4
-    trainer = L.Trainer(
-        max_steps=10,
-        log_every_n_steps=50,
-        logger=CSVLogger(tmp_path),
-        callbacks=[EffectiveLRMonitor(log_every_n_steps=5)],
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
+    monitor = EffectiveLRMonitor(log_every_n_steps=5)
+    trainer = make_trainer(CSVLogger(tmp_path), [monitor], max_steps=10, log_every_n_steps=50)
     trainer.fit(Net(CONFIGS["adam"]), loader())
     assert len(calls) == 2 * n_params  # steps 4 and 9 only
     assert sorted(s for s, r in read_metrics(str(tmp_path)).items() if r) == [4, 9]
@@ -219,29 +210,13 @@ def test_one_host_transfer_per_logging_step(tmp_path, monkeypatch):
                 m.setattr(torch.Tensor, "item", item)
                 super().on_train_batch_end(*args, **kwargs)
 
-    trainer = L.Trainer(
-        max_steps=6,
-        log_every_n_steps=3,
-        logger=CSVLogger(tmp_path),
-        callbacks=[Spy()],
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
+    trainer = make_trainer(CSVLogger(tmp_path), [Spy()], max_steps=6, log_every_n_steps=3)
     trainer.fit(Net(CONFIGS["two_groups"]), loader())
     assert counts == {"tolist": 2, "item": 0}
 
 
 def test_unsupported_optimizer_warns_once_and_training_goes_on(tmp_path):
-    trainer = L.Trainer(
-        max_steps=4,
-        log_every_n_steps=1,
-        logger=CSVLogger(tmp_path),
-        callbacks=[EffectiveLRMonitor()],
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
+    trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor()], max_steps=4, log_every_n_steps=1)
     with pytest.warns(UserWarning, match=r"EffectiveLRMonitor skips SGD") as record:
         trainer.fit(Net(lambda m: torch.optim.SGD(m.parameters(), lr=0.1)), loader())
     assert sum("EffectiveLRMonitor" in str(w.message) for w in record) == 1
@@ -266,15 +241,8 @@ def test_several_optimizers_are_named_by_class_and_repeat(tmp_path):
         def configure_optimizers(self):
             return torch.optim.Adam(self.body.parameters(), lr=1e-2), torch.optim.Adam(self.head.parameters(), lr=1e-3)
 
-    trainer = L.Trainer(
-        max_steps=4,  # two optimizer steps per batch in manual optimization
-        log_every_n_steps=2,
-        logger=CSVLogger(tmp_path),
-        callbacks=[EffectiveLRMonitor()],
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
+    # max_steps counts optimizer steps: two per batch in manual optimization
+    trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor()], max_steps=4, log_every_n_steps=2)
     trainer.fit(TwoOpt(), loader())
     row = read_metrics(str(tmp_path))[1]
     assert {"effective_lr/Adam/pg0/median", "effective_lr/Adam-1/pg0/median"} <= set(row)
@@ -284,15 +252,8 @@ def test_several_optimizers_are_named_by_class_and_repeat(tmp_path):
 def test_histogram_of_log10_effective_lr_in_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    trainer = L.Trainer(
-        max_steps=4,
-        log_every_n_steps=2,
-        logger=TensorBoardLogger(tmp_path),
-        callbacks=[EffectiveLRMonitor(log_histogram=True), WeightDecay(weight_decay=0.01)],
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
+    callbacks = [EffectiveLRMonitor(log_histogram=True), WeightDecay(weight_decay=0.01)]
+    trainer = make_trainer(TensorBoardLogger(tmp_path), callbacks, max_steps=4, log_every_n_steps=2)
     trainer.fit(Net(CONFIGS["adam"]), loader())
     acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"histograms": 0})
     acc.Reload()
