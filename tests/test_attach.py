@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_wd import attach_weight_decay
-from lightning_wd.attach import LR_MAX_KEY, WD_KEY
+from lightning_wd.attach import LR_MAX_KEY, MODE_KEY
 
 
 def model() -> torch.nn.Module:
@@ -118,36 +118,47 @@ def test_weights_without_grad_are_not_decayed():
     assert torch.equal(unused, torch.ones(4))
 
 
-def test_take_over_state_dict_and_detach():
+def user_values(opt):
+    return [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+
+
+def test_between_steps_the_groups_hold_the_users_values_and_a_record_of_the_mode():
     m = model()
     opt = torch.optim.Adam(m.parameters(), lr=0.1, weight_decay=0.5)
+    configured = user_values(opt)
     handle = attach_weight_decay(opt, mode="independent")
+    seen_in_step = []
+    opt.register_step_post_hook(lambda o, a, k: seen_in_step.append(dict(o.param_groups[0])))  # runs after ours
     group = opt.param_groups[0]
-    assert (group["weight_decay"], group[WD_KEY], group[LR_MAX_KEY]) == (0.0, 0.5, 0.1)
-    saved = opt.state_dict()["param_groups"][0]
-    assert (saved["weight_decay"], saved[WD_KEY]) == (0.0, 0.5)
+    recorded = {MODE_KEY: "independent", LR_MAX_KEY: 0.1}
+    assert user_values(opt) == [{**configured[0], **recorded}]
+    m(torch.randn(3, 5)).sum().backward()
+    opt.step()
+    assert user_values(opt) == [{**configured[0], **recorded}]  # the step's handoff was put back
+    assert opt.state_dict()["param_groups"][0]["weight_decay"] == 0.5
     opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "weight_decay": 0.25})
     opt.step()  # the new group is taken over at its first step
-    assert (opt.param_groups[1]["weight_decay"], opt.param_groups[1][WD_KEY]) == (0.0, 0.25)
+    assert opt.param_groups[1][MODE_KEY] == "independent" and opt.param_groups[1]["weight_decay"] == 0.25
     handle.detach()
-    assert [g["weight_decay"] for g in opt.param_groups] == [0.5, 0.25]
-    assert all(WD_KEY not in g and LR_MAX_KEY not in g for g in opt.param_groups)
-    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    assert group["weight_decay"] == 0.5 and group["decoupled_weight_decay"] is False
+    assert not opt._optimizer_step_pre_hooks and len(opt._optimizer_step_post_hooks) == 1
+    assert len(seen_in_step) == 2
 
 
-def test_resumed_optimizer_keeps_the_decay_and_an_explicit_override_wins():
+def test_an_explicit_weight_decay_is_written_at_attach_and_again_after_a_restore():
     m = model()
     opt = torch.optim.Adam(m.parameters(), lr=0.1, weight_decay=0.5)
     attach_weight_decay(opt)
-    fresh = torch.optim.Adam(m.parameters(), lr=0.1, weight_decay=0.5)
-    attach_weight_decay(fresh)
-    fresh.load_state_dict(opt.state_dict())
-    assert (fresh.param_groups[0]["weight_decay"], fresh.param_groups[0][WD_KEY]) == (0.0, 0.5)
+    saved = opt.state_dict()
     other = torch.optim.Adam(m.parameters(), lr=0.1)
     attach_weight_decay(other, weight_decay=0.1)
-    other.load_state_dict(opt.state_dict())
-    other.step()
-    assert other.param_groups[0][WD_KEY] == 0.1
+    assert other.param_groups[0]["weight_decay"] == 0.1
+    other.load_state_dict(saved)  # the checkpoint holds 0.5; the explicit argument wins
+    assert other.param_groups[0]["weight_decay"] == 0.1
+    plain = torch.optim.Adam(m.parameters(), lr=0.1)
+    attach_weight_decay(plain)
+    plain.load_state_dict(saved)  # no argument: the resumed value
+    assert plain.param_groups[0]["weight_decay"] == 0.5
 
 
 @pytest.mark.parametrize("kwargs, match", [({"mode": "l2"}, "'decoupled', 'coupled', 'independent'"),
@@ -227,5 +238,5 @@ def test_a_group_without_torchs_decoupled_flag_takes_the_generic_pass():
     opt = torch.optim.Adam(model().parameters(), lr=0.01, weight_decay=0.1)
     handle = attach_weight_decay(opt, mode="decoupled")
     old_style = {k: v for k, v in opt.param_groups[0].items() if k != "decoupled_weight_decay"}
-    assert handle._uses_native(opt.param_groups[0])
-    assert not handle._uses_native(old_style)
+    assert handle._plan(opt.param_groups[0]) == ({"decoupled_weight_decay": True}, None)  # native handoff
+    assert handle._plan(old_style) == (None, None)  # the generic pass

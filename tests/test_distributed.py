@@ -231,10 +231,13 @@ def test_ddp_checkpoint_resume_equals_uninterrupted_run(ddp, name):
         assert resumed == full[len(full) - len(resumed) :] and 0 < len(resumed) < len(full)
     assert _max_diff(r0["resumed"]["weights"], r1["resumed"]["weights"]) == 0
     assert _max_diff(r0["resumed"]["weights"], r0["weights"]) == 0
-    # the checkpoint holds the decay taken over from the optimizer, and earlier weights than the final ones
+    # the checkpoint holds the optimizer as configured with the mode it trains in, and earlier weights than the final
     ckpt = torch.load(r0["ckpt_path"], weights_only=False)
     groups = ckpt["optimizer_states"][0]["param_groups"]
-    assert [(g["lightning_wd"], g["weight_decay"]) for g in groups] == [(WD, 0.0)]
+    configured_flag = run["optimizer"] == "AdamW"
+    assert [(g["weight_decay"], g["decoupled_weight_decay"], g["lightning_wd_mode"]) for g in groups] == [
+        (WD, configured_flag, run["mode"])
+    ]
     saved = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items()}
     assert _max_diff(saved, r0["weights"]) > MIN_EFFECT
 
@@ -349,13 +352,17 @@ def test_fsdp2_checkpoint_resume_equals_uninterrupted_run(fsdp2, tmp_path):
         assert [c["numbers"] for c in calls[-n_after:]] == [[LR, WD]] * n_after
         _assert_local_only(calls, list(run["local_shapes"].values()))
         assert run["spy"]["add_l2_to_grads_"] == []
-    # the distributed checkpoint holds the decay taken over from the optimizer, and earlier weights than the final
+    # the distributed checkpoint holds the optimizer as configured with the mode it trains in, and earlier weights
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     dcp_to_torch_save(r0["ckpt_path"], tmp_path / "ckpt.pt")
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     groups = ckpt["optimizer_0"]["param_groups"]
-    assert [(g["lightning_wd"], g["weight_decay"]) for g in groups] == [(WD, 0.0)]
+    config = FSDP2_RESUME_RUNS[name]
+    configured_flag = config["optimizer"] == "AdamW"
+    assert [(g["weight_decay"], g["decoupled_weight_decay"], g["lightning_wd_mode"]) for g in groups] == [
+        (WD, configured_flag, config["mode"])
+    ]
     saved = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items()}
     assert _max_diff(saved, r0["weights"]) > MIN_EFFECT
 

@@ -357,10 +357,11 @@ def test_resume_continues_bit_for_bit(case, saved, tmp_path):
         _, t5 = run(resume_opt(cls), [WeightDecay(mode, native=native)], loader=loader, max_steps=5)
         t5.save_checkpoint(ckpt)
     else:
-        # a checkpoint written during training holds the decay in the taken-over key, the optimizer's own at 0
+        # a checkpoint written during training holds the optimizer as configured, and the mode it trains in
         (group,) = taken_over_groups(ckpt)
-        assert group["lightning_wd"] == WD
-        assert group["weight_decay"] == 0.0
+        assert group["weight_decay"] == WD
+        assert group["decoupled_weight_decay"] == (cls is AdamW)
+        assert group["lightning_wd_mode"] == mode
 
     # a NEW module (other initial weights: they must come from the checkpoint), NEW Trainer, NEW callback
     resumed = tiny_module(resume_opt(cls), seed=123)
@@ -375,13 +376,12 @@ def test_resume_continues_bit_for_bit(case, saved, tmp_path):
 
 
 def test_after_fit_the_optimizer_is_handed_back_as_configured(tmp_path):
-    """Documented decision: at fit end the callback detaches, so the optimizer (and a checkpoint saved after fit)
-    holds the user's own ``weight_decay`` again; resuming from it with the callback takes it over again."""
+    """At fit end the callback detaches: the optimizer (and a checkpoint saved after fit) is the user's, as it is
+    between steps during fit."""
     _, t = run(resume_opt(Adam), [WeightDecay()], loader=make_repeated_loader(5), max_steps=5)
     t.save_checkpoint(tmp_path / "after_fit.ckpt")
     (group,) = taken_over_groups(tmp_path / "after_fit.ckpt")
-    assert "lightning_wd" not in group
-    assert group["weight_decay"] == WD
+    assert group["weight_decay"] == WD and group["decoupled_weight_decay"] is False
     assert not t.optimizers[0]._optimizer_step_pre_hooks
 
 
@@ -435,10 +435,9 @@ def test_logs_decay_beside_lr_monitor(tmp_path):
     rows = read_metrics(t)
     ours = column(rows, "weight_decay/Adam/pg0")
     assert len(ours) == 6 and all(v == WD for v in ours)
-    # documented decision: LearningRateMonitor reads the optimizer's own weight_decay, which the callback set to 0;
-    # hence WeightDecay logs the decay it applies under its own name
+    # LearningRateMonitor reads the optimizer's own weight_decay, which the groups hold between steps
     monitors = column(rows, "lr-Adam-weight_decay")
-    assert monitors and all(v == 0.0 for v in monitors)
+    assert monitors and all(v == WD for v in monitors)
 
 
 def test_log_weight_decay_false_wins_over_monitor(tmp_path):

@@ -9,66 +9,82 @@ Lightning Fabric::
         loss_fn(model(x), y).backward()
         opt.step()
         opt.zero_grad()
-    handle.detach()                                        # the optimizer's own decay comes back
+    handle.detach()
 
-How it works. Each param group's decay is *taken over*: it is copied to the group key ``"lightning_wd"``, and the
-group's ``weight_decay`` is set to 0, so the optimizer's own decay is off. Because the value lives in the param
-group, ``optimizer.state_dict()`` saves it and a resume restores it; groups added later (``add_param_group``) are
-taken over at their first step. A step pre-hook then applies the decay after the gradients are final:
+The state model. Between steps every param group holds what the user configured: its ``weight_decay`` (which an LR
+or weight-decay schedule may rewrite at any time) and its switches such as ``decoupled_weight_decay``. The decay is
+taken over only for the duration of each ``step()``, after the gradients are final:
 
 - when ``step()`` gets a closure (Lightning's automatic optimization runs forward, backward, the
-  ``on_before_optimizer_step`` hooks and gradient clipping inside it), the closure is wrapped and the decay runs
-  right after it, still before the update;
+  ``on_before_optimizer_step`` hooks and gradient clipping inside it), the closure is wrapped and the decay is taken
+  over right after it, still before the update;
 - without a closure (a plain loop, Lightning's 16-mixed path, which runs the closure itself and calls ``step()``
-  only when the gradients are finite), the pre-hook applies it at once.
+  only when the gradients are finite), the step pre-hook takes it over at once.
 
-For ``torch.optim.Adam`` and ``AdamW`` (``native=True``) the decay instead rides inside the optimizer's own
-foreach or fused kernel: the pre-hook hands the group its decay for the duration of the step and the post-hook
-sets it back to 0. That path is AdamW's own code, so it costs no extra pass over the weights.
+Taking over reads each group's *current* ``weight_decay`` and, per the optimizer's entry in
+:mod:`lightning_wd.optimizers`, either hands it to the optimizer with the switches that make its own decay the
+chosen mode (native handoff: its own kernel, no extra pass), or sets the group's ``weight_decay`` to 0 and applies
+the decay in one batched ``_foreach_*`` pass (the generic pass). The step post-hook puts the user's values back; a
+step that raises puts them back at once, and ``detach()`` always does.
+
+Each group also records the mode it is trained in (``"lightning_wd_mode"``) and, for ``mode="independent"``, its
+reference lr (``"lightning_wd_lr_max"``), so that a checkpoint resumed in another mode warns.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Union
 
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
+from lightning.fabric.wrappers import _FabricOptimizer
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_wd.decay import add_l2_to_grads_, decay_weights_
-from lightning_wd.low_precision import LOW_PRECISION, decay_is_lost, smallest_safe_decay
-from lightning_wd.modes import Mode, check_lr_max, check_mode, check_weight_decay
+from lightning_wd.low_precision import LOW_PRECISION, decay_is_lost, lost_decay_message
+from lightning_wd.modes import (
+    Mode,
+    check_lr_max,
+    check_mode,
+    check_weight_decay,
+    describe_mode_change,
+)
+from lightning_wd.optimizers import OptimizerRule, group_lr, rule_for
 
-#: param-group key that holds the decay taken over from ``weight_decay``
-WD_KEY = "lightning_wd"
+#: param-group key that records the mode a group is trained in
+MODE_KEY = "lightning_wd_mode"
 #: param-group key that holds the reference lr of ``mode="independent"``
 LR_MAX_KEY = "lightning_wd_lr_max"
+#: the key in which lightning-wd 0.1.0 kept the decay (with ``weight_decay`` at 0); read once and converted
+_LEGACY_KEY = "lightning_wd"
 
-_NATIVE_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
+LrMax = Union[float, Sequence[float], None]
 
 __all__ = [
     "AttachedWeightDecay",
     "LR_MAX_KEY",
-    "WD_KEY",
+    "MODE_KEY",
     "attach_weight_decay",
-    "calls_closure_repeatedly",
     "unwrap_optimizer",
 ]
 
-
-def calls_closure_repeatedly(optimizer: Optimizer) -> bool:
-    """Whether ``optimizer`` evaluates its closure several times in one ``step()`` (LBFGS does)."""
-    return isinstance(optimizer, torch.optim.LBFGS)
+# one attachment per optimizer: a second would decay twice, or silently overrule the first
+_ATTACHED: weakref.WeakKeyDictionary[Optimizer, AttachedWeightDecay] = weakref.WeakKeyDictionary()
 
 
 def unwrap_optimizer(optimizer: Any) -> Optimizer:
-    """The ``torch.optim.Optimizer`` inside Lightning's ``LightningOptimizer`` or Fabric's ``_FabricOptimizer``."""
+    """The ``torch.optim.Optimizer`` inside Lightning's ``LightningOptimizer`` or Fabric's ``_FabricOptimizer``.
+
+    Fabric's wrapper poses as a subclass of the optimizer's class (for ``isinstance``), so it is unwrapped by type.
+    """
     inner = optimizer
-    while inner is not None and not isinstance(inner, Optimizer):
-        inner = getattr(inner, "optimizer", None)  # both wrappers expose the wrapped optimizer as `.optimizer`
-    if inner is None:
+    while isinstance(inner, (LightningOptimizer, _FabricOptimizer)):
+        inner = inner.optimizer
+    if not isinstance(inner, Optimizer):
         raise TypeError(
             "`optimizer` must be a torch.optim.Optimizer (or a Lightning/Fabric wrapper of one),"
             f" got {type(optimizer).__name__}."
@@ -84,6 +100,11 @@ def _closure_of(args: tuple, kwargs: dict) -> tuple[Callable[[], Any] | None, bo
     return (closure if callable(closure) else None), False
 
 
+def _host_float(x: Any) -> float:
+    """A number's value, read once at attach time (a tensor lr on a GPU costs one sync there, never in a step)."""
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
 class AttachedWeightDecay:
     """Weight decay attached to one optimizer; made by :func:`attach_weight_decay`. ``detach()`` undoes it."""
 
@@ -93,73 +114,94 @@ class AttachedWeightDecay:
         mode: Mode = "decoupled",
         weight_decay: float | None = None,
         exclude: Iterable[Tensor] = (),
-        lr_max: float | None = None,
+        lr_max: LrMax = None,
         native: bool = True,
         stochastic_rounding: bool = False,
     ) -> None:
         optimizer = unwrap_optimizer(optimizer)
-        if calls_closure_repeatedly(optimizer):
-            raise ValueError(
-                f"{type(optimizer).__name__} evaluates its closure several times per step, so a decay applied after"
-                " the closure would be applied several times per step. Use an optimizer that takes one gradient"
-                " per step, or its own `weight_decay`."
-            )
         self.optimizer = optimizer
         self.mode = check_mode(mode)
         self.weight_decay = check_weight_decay(weight_decay)
-        self.lr_max = check_lr_max(lr_max)
-        self.native = native
+        self._lr_max = _check_lr_max_arg(lr_max)
+        self.native = bool(native)
         self.stochastic_rounding = bool(stochastic_rounding)
         self._excluded = {id(p) for p in exclude}
-        self._native_groups: list[dict[str, Any]] = []
-        # Per param group, keyed by its params list, which load_state_dict carries over into the new group dicts:
-        # (the list itself, so that its id cannot be reused; its length when seen; its dtypes; whether it holds
-        # excluded params).
+        self.rule, registered_as = rule_for(optimizer)
+        other = _ATTACHED.get(optimizer)
+        if other is not None:
+            raise ValueError(
+                f"{type(optimizer).__name__} already has weight decay attached ({other!r}); a second attachment would"
+                " decay twice or overrule the first. Detach it first."
+            )
+        _warn_if_assumed(optimizer, registered_as)
+        # groups seen so far, by their params list (which load_state_dict carries over into the new group dicts);
+        # the list itself is kept so that its id cannot be reused by another
+        self._seen: dict[int, list[Tensor]] = {}
         self._group_info: dict[int, tuple[list[Tensor], int, frozenset[torch.dtype], bool]] = {}
+        self._stash: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (group, the user's values) during a step
         self._last_decay: dict[int, float] = {}
-        self._warned: set[tuple[int, torch.dtype]] = set()
-        self.take_over()
+        self._warned: set[tuple[Any, ...]] = set()
+        self._adopt(restored=False)
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),
+            optimizer.register_load_state_dict_post_hook(self._after_load),
         ]
+        _ATTACHED[optimizer] = self
 
-    # --- taking the decay over from the optimizer ---------------------------------------------------------------
-    def take_over(self) -> None:
-        """Move the decay of every group not yet taken over into ``WD_KEY`` and zero the optimizer's own."""
-        for group in self.optimizer.param_groups:
-            if WD_KEY not in group:
-                group[WD_KEY] = float(group.get("weight_decay", 0.0))
-                if "weight_decay" in group:
-                    group["weight_decay"] = 0.0
-            # An explicit argument wins over what a resumed checkpoint holds, so a resume with a new value obeys it.
-            if self.weight_decay is not None:
-                group[WD_KEY] = self.weight_decay
-            if self.mode == "independent":
-                if self.lr_max is not None:
-                    group[LR_MAX_KEY] = self.lr_max
-                elif LR_MAX_KEY not in group:
-                    group[LR_MAX_KEY] = group.get("initial_lr", group["lr"])
+    def __repr__(self) -> str:
+        args = [f"mode={self.mode!r}"]
+        if self.weight_decay is not None:
+            args.append(f"weight_decay={self.weight_decay}")
+        if not self.native:
+            args.append("native=False")
+        return f"AttachedWeightDecay({', '.join(args)})"
 
-    def detach(self) -> None:
-        """Remove the hooks and give every group its decay back in ``weight_decay``."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        for group in self.optimizer.param_groups:
-            if WD_KEY in group:
+    # --- groups: adopting them, and what they record ------------------------------------------------------------
+    def _adopt(self, restored: bool) -> None:
+        """Write the ``weight_decay`` argument into the groups not seen yet (all of them when ``restored`` from a
+        checkpoint by ``load_state_dict``), check their mode record, record ours, and refuse a group whose decay
+        cannot be had."""
+        for index, group in enumerate(self.optimizer.param_groups):
+            if not restored and id(group["params"]) in self._seen:
+                continue
+            if _LEGACY_KEY in group:  # a 0.1.0 checkpoint: the decay was kept aside, weight_decay held 0
+                legacy = group.pop(_LEGACY_KEY)
                 if "weight_decay" in group:
-                    group["weight_decay"] = group[WD_KEY]
-                del group[WD_KEY]
+                    group["weight_decay"] = legacy
+            if self.weight_decay is not None:  # an explicit argument wins over a resumed value
+                group["weight_decay"] = self.weight_decay
+            self._record(index, group)
+            refusal = self._plan(group)[1]
+            if refusal is not None:
+                raise ValueError(f"lightning_wd: param group {index} of {type(self.optimizer).__name__}: {refusal}")
+            self._seen[id(group["params"])] = group["params"]
+
+    def _record(self, index: int, group: dict[str, Any]) -> None:
+        old_mode, old_lr_max = group.get(MODE_KEY), group.get(LR_MAX_KEY)
+        if self.mode == "independent":
+            explicit = self._lr_max(index)
+            lr_max = explicit if explicit is not None else old_lr_max if old_mode == "independent" else None
+            group[LR_MAX_KEY] = lr_max if lr_max is not None else _peak_lr(group)
+        else:
             group.pop(LR_MAX_KEY, None)
+        group[MODE_KEY] = self.mode
+        if old_mode is None or (old_mode, old_lr_max) == (self.mode, group.get(LR_MAX_KEY)):
+            return
+        lr = _host_float(group["lr"])
+        change = describe_mode_change(old_mode, self.mode, lr, old_lr_max, group.get(LR_MAX_KEY))
+        was = f"{old_mode!r}" + (f" (lr_max={old_lr_max:g})" if old_mode == "independent" else "")
+        now = f"{self.mode!r}" + (f" (lr_max={group[LR_MAX_KEY]:g})" if self.mode == "independent" else "")
+        rank_zero_warn(
+            f"lightning_wd: param group {index} of {type(self.optimizer).__name__} was trained with mode={was} and"
+            f" goes on with mode={now}: {change}."
+        )
 
-    def __enter__(self) -> AttachedWeightDecay:
-        return self
+    def _after_load(self, optimizer: Optimizer) -> None:
+        self._adopt(restored=True)
+        self._last_decay.clear()
 
-    def __exit__(self, *exc: object) -> None:
-        self.detach()
-
-    # --- per step ----------------------------------------------------------------------------------------------
+    # --- what each group gets: native handoff, the generic pass, or a refusal -----------------------------------
     def _info(self, group: dict[str, Any]) -> tuple[frozenset[torch.dtype], bool]:
         params = group["params"]
         info = self._group_info.get(id(params))
@@ -169,83 +211,144 @@ class AttachedWeightDecay:
             self._group_info[id(params)] = info
         return info[2], info[3]
 
-    def _uses_native(self, group: dict[str, Any]) -> bool:
-        if not self.native or type(self.optimizer) not in _NATIVE_OPTIMIZERS or "decoupled_weight_decay" not in group:
-            return False
+    def _native_settings(self, group: dict[str, Any]) -> dict[str, Any] | None:
+        """The group settings under which the optimizer's own decay is ``self.mode`` for this step, or ``None``."""
+        if not self.native:
+            return None
         dtypes, has_excluded = self._info(group)
-        if has_excluded:
-            return False  # the optimizer's decay is per group; exclusions need the per-parameter pass
-        # AdamW is Adam with the group flag `decoupled_weight_decay` set; the pre-hook sets the flag for the mode
-        return not (self.stochastic_rounding and dtypes & set(LOW_PRECISION))
+        if has_excluded or (self.stochastic_rounding and dtypes & set(LOW_PRECISION)):
+            return None  # the optimizer's decay is per group; exclusions and rounding need the per-parameter pass
+        rule = self.rule
+        own = rule.own_rule(group)
+        if own == self.mode:
+            return {}
+        switched = rule.switches.get(self.mode)
+        if switched is not None and all(k in group for k in switched):
+            return dict(switched)
+        if self.mode == "independent" and rule.independent_native and rule.step_size is group_lr:
+            # its own decoupled decay `lr * wd`, handed `wd / lr_max`, is the independent decay `(lr / lr_max) * wd`
+            base = {} if own == "decoupled" else rule.switches.get("decoupled")
+            if base is not None and all(k in group for k in base):
+                return {**base, "weight_decay": group["weight_decay"] / group[LR_MAX_KEY]}
+        return None
 
-    def _native_weight_decay(self, group: dict[str, Any]) -> float | Tensor:
-        wd = group[WD_KEY]
-        return wd / group[LR_MAX_KEY] if self.mode == "independent" else wd
+    def _plan(self, group: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+        """``(settings, None)`` for the native handoff, ``(None, None)`` for the generic pass, ``(None, reason)`` where
+        this group cannot be given ``self.mode`` (checked at attach and at every step)."""
+        rule: OptimizerRule = self.rule
+        if rule.refuse is not None:
+            reason = rule.refuse(self.optimizer, group, self.mode)
+            if reason is not None:
+                return None, reason
+        settings = self._native_settings(group)
+        if settings is not None:
+            return settings, None
+        name = type(self.optimizer).__name__
+        if rule.generic_refusal is not None:
+            return None, (
+                f"mode={self.mode!r} needs the optimizer's own `weight_decay` set to 0 for the step, but in {name}"
+                f" `weight_decay` {rule.generic_refusal}"
+            )
+        if self.mode != "coupled" and rule.step_size is None:
+            return None, f"{name}'s step size is not known before its step, so a decoupled decay cannot follow it."
+        return None, None
 
-    def per_step_decay(self, group: dict[str, Any]) -> float | Tensor:
-        """The factor ``x`` of this step's ``p *= 1 - x`` for ``group`` (decoupled and independent modes)."""
-        if self.mode == "independent":
-            return group["lr"] / group[LR_MAX_KEY] * group[WD_KEY]
-        return group["lr"] * group[WD_KEY]
-
-    def check_precision(self) -> None:
-        """Warn for every group whose decay rounds away in its weights' dtype (also done before every step)."""
+    # --- per step ------------------------------------------------------------------------------------------------
+    def check_decay(self) -> None:
+        """Check every group's per-step decay now (also done whenever it changes): refuse one that would zero or
+        flip the weights, warn where bf16/fp16 rounding loses it."""
         for index, group in enumerate(self.optimizer.param_groups):
-            if group[WD_KEY] != 0:
-                self._check_precision(index, group)
+            wd = group.get("weight_decay", 0.0)
+            if isinstance(wd, Tensor) or wd != 0:
+                self._check_step(index, group, wd)
 
-    def _check_precision(self, index: int, group: dict[str, Any]) -> None:
-        """Warn once per group and dtype when rounding would swallow the decay (at the start and at lr changes)."""
-        if self.mode == "coupled" or self.stochastic_rounding:
-            return  # coupled decay does not multiply the weights; stochastic rounding keeps the decay
-        x = self.per_step_decay(group)
+    def _step_size(self, group: dict[str, Any]) -> Any:
+        if self.mode == "independent":
+            return group["lr"] / group[LR_MAX_KEY]
+        return self.rule.step_size(self.optimizer, group) if self.rule.step_size is not None else group["lr"]
+
+    def _check_step(self, index: int, group: dict[str, Any], wd: Any) -> None:
+        if self.mode == "coupled":
+            return  # coupled decay multiplies nothing: it adds wd * p to the gradient
+        x = self._step_size(group) * wd
         if isinstance(x, Tensor) or self._last_decay.get(id(group["params"])) == x:
-            return  # a tensor lr is not read on the host: that would sync the device
+            return  # a tensor is not read on the host (that would sync the device); an unchanged decay was checked
         self._last_decay[id(group["params"])] = x
+        name = type(self.optimizer).__name__
+        if x >= 1:
+            raise ValueError(
+                f"lightning_wd: param group {index} of {name} would be decayed by {x:.4g} per step (p *= 1 - {x:.4g}),"
+                f" which zeroes or flips the sign of every weight (mode={self.mode!r}, weight_decay={wd:g}). A"
+                " per-step decay must be below 1; typical values are 1e-5 to 1e-2."
+            )
+        if self.mode == "independent" and ("lr", index) not in self._warned and group["lr"] > group[LR_MAX_KEY]:
+            self._warned.add(("lr", index))
+            rank_zero_warn(
+                f"lightning_wd: param group {index} of {name} has lr {group['lr']:.4g}, above its lr_max"
+                f" {group[LR_MAX_KEY]:.4g}, so mode='independent' decays it by more than weight_decay per step. Pass"
+                " `lr_max` = the schedule's peak lr."
+            )
+        if self.stochastic_rounding:
+            return  # stochastic rounding keeps the decay
         for dtype in self._info(group)[0]:
             if decay_is_lost(x, dtype) and (index, dtype) not in self._warned:
                 self._warned.add((index, dtype))
                 rank_zero_warn(
-                    f"lightning_wd: param group {index} of {type(self.optimizer).__name__} holds {dtype} weights and"
-                    f" decays them by {x:.3g} per step (p *= 1 - {x:.3g}), below {smallest_safe_decay(dtype):.3g},"
-                    f" the smallest decay {dtype} can apply to every weight: most of the decay rounds away. Pass"
-                    " `stochastic_rounding=True` to keep it, or keep fp32 master weights (e.g. bf16-mixed)."
+                    f"lightning_wd: param group {index} of {name}: {lost_decay_message(x, dtype)} Pass"
+                    " `stochastic_rounding=True` to keep the decay, or keep fp32 master weights (e.g. bf16-mixed)."
                 )
 
     def _pre_step(self, optimizer: Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        self.take_over()
-        generic = []
-        for index, group in enumerate(optimizer.param_groups):
-            if group[WD_KEY] == 0:
-                continue
-            self._check_precision(index, group)
-            if self._uses_native(group):
-                self._native_groups.append({"group": group, "flag": group["decoupled_weight_decay"]})
-                group["weight_decay"] = self._native_weight_decay(group)
-                group["decoupled_weight_decay"] = self.mode != "coupled"
-            else:
-                generic.append(group)
-        if not generic:
-            return None
+        self._restore()  # a step that raised inside the optimizer left its values: the user's come back first
+        if len(self._seen) != len(self.optimizer.param_groups):
+            self._adopt(restored=False)  # groups added during training (BackboneFinetuning, add_param_group)
         closure, positional = _closure_of(args, kwargs)
         if closure is None:
-            self._apply(generic)
+            self._take_over()
             return None
-        wrapped = self._wrap_closure(closure, generic)
+        wrapped = self._wrap_closure(closure)
         if positional:
             return (args[0], wrapped, *args[2:]), kwargs
         return args, {**kwargs, "closure": wrapped}
 
     def _post_step(self, optimizer: Optimizer, args: tuple, kwargs: dict) -> None:
-        for saved in self._native_groups:
-            saved["group"]["weight_decay"] = 0.0
-            saved["group"]["decoupled_weight_decay"] = saved["flag"]
-        self._native_groups.clear()
+        self._restore()
 
-    def _wrap_closure(self, closure: Callable[[], Any], groups: list[dict[str, Any]]) -> Callable[[], Any]:
+    def _restore(self) -> None:
+        """Put the user's values back into every group the current step changed."""
+        for group, saved in self._stash:
+            group.update(saved)
+        self._stash.clear()
+
+    def _take_over(self) -> None:
+        """For this step: hand each group's current decay to the optimizer or take it and apply it; on any
+        exception, the groups get the user's values back before it propagates."""
+        try:
+            generic = []
+            for index, group in enumerate(self.optimizer.param_groups):
+                wd = group.get("weight_decay", 0.0)
+                if not isinstance(wd, Tensor) and wd == 0:
+                    continue
+                settings, refusal = self._plan(group)
+                if refusal is not None:  # e.g. a switch the user flipped since attach
+                    raise ValueError(f"lightning_wd: param group {index} of {type(self.optimizer).__name__}: {refusal}")
+                self._check_step(index, group, wd)
+                if settings is None:
+                    self._stash.append((group, {"weight_decay": wd}))
+                    group["weight_decay"] = 0.0
+                    generic.append((group, wd))
+                elif settings:
+                    self._stash.append((group, {k: group[k] for k in settings}))
+                    group.update(settings)
+            self._apply(generic)
+        except BaseException:
+            self._restore()
+            raise
+
+    def _wrap_closure(self, closure: Callable[[], Any]) -> Callable[[], Any]:
         calls = 0
 
-        def closure_then_decay() -> Any:
+        def closure_then_take_over() -> Any:
             nonlocal calls
             calls += 1
             if calls > 1:
@@ -255,28 +358,80 @@ class AttachedWeightDecay:
                 )
             with torch.enable_grad():
                 out = closure()
-            self._apply(groups)
+            self._take_over()
             return out
 
-        return closure_then_decay
+        return closure_then_take_over
 
     @torch.no_grad()
-    def _apply(self, groups: list[dict[str, Any]]) -> None:
+    def _apply(self, groups: list[tuple[dict[str, Any], Any]]) -> None:
         opt = self.optimizer
         # Optimizers that handle AMP scaling themselves (torch's fused=True) are stepped even when the gradients
         # are not finite, with `found_inf` and `grad_scale` set on them; their gradients are still scaled.
         amp_in_step = getattr(opt, "_step_supports_amp_scaling", False)
         found_inf = getattr(opt, "found_inf", None) if amp_in_step else None
         grad_scale = getattr(opt, "grad_scale", None) if amp_in_step else None
-        for group in groups:
+        for group, wd in groups:
             params = [p for p in group["params"] if p.grad is not None and id(p) not in self._excluded]
-            wd = group[WD_KEY]
             if self.mode == "coupled":
                 grads = [p.grad for p in params]
                 add_l2_to_grads_(params, grads, -wd if group.get("maximize", False) else wd, grad_scale)
             else:
-                lr = group["lr"] if self.mode == "decoupled" else group["lr"] / group[LR_MAX_KEY]
-                decay_weights_(params, lr, wd, skip=found_inf, stochastic_rounding=self.stochastic_rounding)
+                step_size = self._step_size(group)
+                decay_weights_(params, step_size, wd, skip=found_inf, stochastic_rounding=self.stochastic_rounding)
+
+    # --- detaching -----------------------------------------------------------------------------------------------
+    def detach(self) -> None:
+        """Remove the hooks; the groups hold the user's values (and the record of the mode they were trained in)."""
+        self._restore()
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if _ATTACHED.get(self.optimizer) is self:
+            del _ATTACHED[self.optimizer]
+
+    def __enter__(self) -> AttachedWeightDecay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+
+def _check_lr_max_arg(lr_max: LrMax) -> Callable[[int], float | None]:
+    """``lr_max`` as a function of the group index (``None``: the group's own peak or initial lr)."""
+    if isinstance(lr_max, Sequence) and not isinstance(lr_max, str):
+        per_group = [check_lr_max(v) for v in lr_max]
+        return lambda index: per_group[index] if index < len(per_group) else None
+    value = check_lr_max(lr_max)
+    return lambda index: value
+
+
+def _peak_lr(group: Mapping[str, Any]) -> float:
+    """The reference lr of ``mode="independent"``: the schedule's peak where the scheduler records one in the group
+    (``OneCycleLR``'s ``max_lr``), else the lr it started from (``initial_lr``), else the current lr; a tensor lr's
+    value, not the tensor (which the scheduler goes on changing)."""
+    for key in ("max_lr", "initial_lr", "lr"):
+        if key in group:
+            return _host_float(group[key])
+    raise KeyError("lr")
+
+
+def _warn_if_assumed(optimizer: Optimizer, registered_as: type | None) -> None:
+    cls = type(optimizer)
+    if registered_as is cls:
+        return
+    if registered_as is None:
+        what = "is not in lightning_wd's optimizer registry"
+        assumed = (
+            "its `weight_decay` only adds a decay (nothing else depends on it) and its step size is the group's lr"
+        )
+    else:
+        what = f"is a subclass of {registered_as.__module__}.{registered_as.__qualname__}, whose entry it gets"
+        assumed = f"its `weight_decay` behaves as {registered_as.__qualname__}'s"
+    rank_zero_warn(
+        f"lightning_wd: {cls.__module__}.{cls.__qualname__} {what}; assuming that {assumed}. Declare it with"
+        " `lightning_wd.optimizers.register_optimizer` to make this explicit and silence this warning."
+    )
 
 
 def attach_weight_decay(
@@ -284,11 +439,15 @@ def attach_weight_decay(
     mode: Mode = "decoupled",
     weight_decay: float | None = None,
     exclude: Iterable[Tensor] = (),
-    lr_max: float | None = None,
+    lr_max: LrMax = None,
     native: bool = True,
     stochastic_rounding: bool = False,
 ) -> AttachedWeightDecay:
-    """Take over the weight decay of ``optimizer`` and apply it in ``mode`` on every step.
+    """Take over the weight decay of ``optimizer`` for each step and apply it in ``mode``.
+
+    Between steps the param groups keep the user's values (``weight_decay``, ``decoupled_weight_decay``, ...): a
+    schedule that writes ``group["weight_decay"]`` is followed at every step, and a ``state_dict()`` saved at any time
+    holds the configured optimizer.
 
     Args:
         optimizer: any ``torch.optim.Optimizer`` whose ``step()`` evaluates its closure at most once, or the
@@ -296,28 +455,36 @@ def attach_weight_decay(
         mode: ``"decoupled"`` (``p -= lr * wd * p``, AdamW), ``"coupled"`` (``grad += wd * p``, L2 as in
             ``Adam(weight_decay=...)``) or ``"independent"`` (``p -= (lr / lr_max) * wd * p``, decay that follows the
             lr schedule but not the lr's size).
-        weight_decay: one decay for every group; ``None`` keeps each group's own ``weight_decay``.
+        weight_decay: one decay for every group, written into the groups now and again after ``load_state_dict``;
+            ``None`` keeps each group's own ``weight_decay``.
         exclude: parameters never decayed (e.g. biases and norm weights).
-        lr_max: the reference lr of ``mode="independent"``; ``None`` takes each group's ``initial_lr`` (set by LR
-            schedulers) or its lr when first seen.
-        native: let ``torch.optim.Adam``/``AdamW`` apply the decay inside their own kernel (same result, no extra
-            pass); other optimizers always use the separate foreach pass.
+        lr_max: the reference lr of ``mode="independent"``: one for every group, or one per group; ``None`` takes
+            each group's ``max_lr`` (set by ``OneCycleLR``), else its ``initial_lr`` (set by LR schedulers), else its
+            lr when first seen.
+        native: let optimizers that implement the mode themselves (``torch.optim.AdamW``, ``Adam`` through its
+            ``decoupled_weight_decay`` switch, ...) apply the decay in their own kernel (same result, no extra pass).
         stochastic_rounding: decay bf16/fp16 weights with stochastic rounding, so that a per-step decay smaller than
             the format's resolution is not rounded away (see :mod:`lightning_wd.low_precision`). Without it, such a
             lost decay is reported with a warning, once per group and dtype.
 
     Returns:
-        A handle whose ``detach()`` removes the hooks and restores the optimizer's own ``weight_decay``.
+        A handle whose ``detach()`` removes the hooks.
+
+    Raises:
+        ValueError: for a bad argument, an optimizer that already has weight decay attached, or a group whose decay
+            cannot be given in ``mode`` (the message says why and what to use instead).
 
     Example::
 
         >>> model = torch.nn.Linear(4, 2)
         >>> opt = torch.optim.Adam(model.parameters(), lr=0.1, weight_decay=0.5)
         >>> handle = attach_weight_decay(opt)
-        >>> opt.param_groups[0]["weight_decay"], opt.param_groups[0]["lightning_wd"]
-        (0.0, 0.5)
+        >>> opt.param_groups[0]["weight_decay"], opt.param_groups[0]["decoupled_weight_decay"]  # as configured
+        (0.5, False)
+        >>> model(torch.randn(3, 4)).sum().backward()
+        >>> opt.step()  # for this step only, Adam applies its decay as AdamW does
+        >>> opt.param_groups[0]["lightning_wd_mode"]
+        'decoupled'
         >>> handle.detach()
-        >>> opt.param_groups[0]["weight_decay"]
-        0.5
     """
     return AttachedWeightDecay(optimizer, mode, weight_decay, exclude, lr_max, native, stochastic_rounding)

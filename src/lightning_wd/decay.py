@@ -107,8 +107,10 @@ def add_l2_to_grads_(
         grads: their gradients, in the same order.
         weight_decay: the L2 coefficient; pass ``-weight_decay`` for a maximizing optimizer, which negates the
             gradient before it adds its own L2 term.
-        grad_scale: the AMP loss scale when the gradients are still scaled (fused optimizers unscale inside their
-            kernel), so that the term added is ``weight_decay * p`` after unscaling.
+        grad_scale: the AMP loss scale (0-dim tensor) when the gradients are still scaled (fused optimizers unscale
+            inside their kernel), so that the term added is ``weight_decay * p`` after unscaling. The result is exact
+            for a power-of-two scale (torch's GradScaler only makes those); for another scale the scaling back and
+            forth may round the gradient by one unit in its last place.
     """
     if not params or weight_decay == 0:
         return
@@ -118,6 +120,10 @@ def add_l2_to_grads_(
         if grad_scale is None:
             torch._foreach_add_(g, p, alpha=weight_decay)
         else:
-            # still-scaled gradients: the term must carry the scale too; a temporary list is the price
-            scaled = torch._foreach_mul(p, _on_device(grad_scale, device) * weight_decay)
-            torch._foreach_add_(g, scaled)
+            # Still-scaled gradients (fused optimizers unscale inside their kernel, then add their L2 term): unscale,
+            # add, scale back. With the power-of-two scales of torch's GradScaler the scaling is exact, so the kernel
+            # then sees `g / s + wd * p` rounded as its own L2 term is: bit for bit `Adam(weight_decay, fused=True)`.
+            scale = _on_device(grad_scale, device)
+            torch._foreach_div_(g, scale)
+            torch._foreach_add_(g, p, alpha=weight_decay)
+            torch._foreach_mul_(g, scale)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from fnmatch import fnmatchcase
+from typing import Any
 
 from torch import nn
 
@@ -16,22 +17,57 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.LocalResponseNorm,
 ) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
-__all__ = ["NORM_TYPES", "excluded_parameters", "format_exclusions"]
+#: the segment ``torch.compile`` adds to the names of a compiled module's parameters
+COMPILED_SEGMENT = "_orig_mod."
+
+__all__ = ["NORM_TYPES", "check_patterns", "excluded_parameters", "format_exclusions", "unmatched_patterns"]
+
+
+def check_patterns(exclude: Any) -> list[str]:
+    """``exclude`` as a list of glob patterns, or a ``TypeError``/``ValueError`` that names it."""
+    if isinstance(exclude, str):
+        raise ValueError(f"`exclude` must be a list of glob patterns, got the string {exclude!r}; write [{exclude!r}].")
+    try:
+        patterns = list(exclude)
+    except TypeError:
+        raise TypeError(f"`exclude` must be a list of glob patterns (strings), got {exclude!r}.") from None
+    bad = [p for p in patterns if not isinstance(p, str)]
+    if bad:
+        raise TypeError(
+            f"`exclude` must hold glob patterns (strings) matched against `named_parameters()` names, got {bad!r}."
+            " To exclude parameters themselves use `attach_weight_decay(..., exclude=[...])`."
+        )
+    return patterns
+
+
+def _is_bias(p_name: str) -> bool:
+    # `bias`, and the biases registered under other names: MultiheadAttention's `in_proj_bias`, `bias_k`, `bias_v`
+    return p_name == "bias" or p_name.endswith("_bias") or p_name.startswith("bias_")
+
+
+def _matches(name: str, pattern: str) -> bool:
+    # a pattern written for the model also matches it compiled, where names gain `_orig_mod.`
+    return fnmatchcase(name, pattern) or fnmatchcase(name.replace(COMPILED_SEGMENT, ""), pattern)
 
 
 def _scan(module: nn.Module, exclude: Iterable[str], exclude_bias_and_norm: bool):
-    """``(name, parameter, reason)`` for every excluded parameter, in ``named_modules()`` order."""
+    """``(name, parameter, reason)`` for every excluded parameter, in ``named_modules()`` order; a tensor shared by
+    several modules (tied weights) once, under its first name."""
     patterns = list(exclude)
+    seen: set[int] = set()
     for mod_name, mod in module.named_modules():
         norm = type(mod).__name__ if isinstance(mod, NORM_TYPES) else None
         for p_name, p in mod.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
             name = f"{mod_name}.{p_name}" if mod_name else p_name
             if exclude_bias_and_norm and norm:
                 yield name, p, norm
-            elif exclude_bias_and_norm and p_name == "bias":
+            elif exclude_bias_and_norm and _is_bias(p_name):
                 yield name, p, "bias"
             else:
-                matched = next((pat for pat in patterns if fnmatchcase(name, pat)), None)
+                matched = next((pat for pat in patterns if _matches(name, pat)), None)
                 if matched is not None:
                     yield name, p, repr(matched)
 
@@ -45,9 +81,11 @@ def excluded_parameters(
 
     Args:
         module: the model.
-        exclude: ``fnmatch`` patterns matched against the full parameter names (``"*.bias"``, ``"embed.*"``).
-        exclude_bias_and_norm: also exclude every parameter registered as ``bias`` on any module, and every
-            parameter of a normalization layer (BatchNorm, InstanceNorm, LayerNorm, GroupNorm, RMSNorm).
+        exclude: ``fnmatch`` patterns matched against the full parameter names (``"*.bias"``, ``"embed.*"``); under
+            ``torch.compile`` also against the names without the ``_orig_mod.`` it adds.
+        exclude_bias_and_norm: also exclude every bias (a parameter registered as ``bias``, ``*_bias`` or ``bias_*``,
+            e.g. ``MultiheadAttention``'s ``in_proj_bias``), and every parameter of a normalization layer (BatchNorm,
+            InstanceNorm, LayerNorm, GroupNorm, RMSNorm).
 
     Example::
 
@@ -56,6 +94,18 @@ def excluded_parameters(
         ['0.bias', '1.bias', '1.weight']
     """
     return {name: p for name, p, _ in _scan(module, exclude, exclude_bias_and_norm)}
+
+
+def unmatched_patterns(module: nn.Module, exclude: Iterable[str]) -> list[str]:
+    """The patterns of ``exclude`` that match no parameter name of ``module`` (with or without ``_orig_mod.``).
+
+    Example::
+
+        >>> unmatched_patterns(nn.Linear(2, 2), ["*.bias", "bias"])
+        ['*.bias']
+    """
+    names = [name for name, _ in module.named_parameters()]
+    return [pat for pat in exclude if not any(_matches(name, pat) for name in names)]
 
 
 def format_exclusions(

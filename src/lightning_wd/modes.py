@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Literal, Union
+
+from torch import Tensor
 
 Mode = Literal["decoupled", "coupled", "independent"]
 MODES: tuple[str, ...] = ("decoupled", "coupled", "independent")
+Scalar = Union[float, Tensor]
 
 
 def check_mode(mode: str) -> str:
@@ -14,19 +18,49 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+def _check_number(name: str, value: object, accepted: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`{name}` must be {accepted}, got {value!r}.")
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number ({accepted}), got {value!r}.")
+    return float(value)
+
+
 def check_weight_decay(weight_decay: float | None) -> float | None:
     if weight_decay is None:
         return None
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)):
-        raise ValueError(f"`weight_decay` must be a float >= 0 or None, got {weight_decay!r}.")
-    if weight_decay < 0:
+    value = _check_number("weight_decay", weight_decay, "a float >= 0 or None")
+    if value < 0:
         raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay}.")
-    return float(weight_decay)
+    return value
 
 
 def check_lr_max(lr_max: float | None) -> float | None:
     if lr_max is None:
         return None
-    if isinstance(lr_max, bool) or not isinstance(lr_max, (int, float)) or lr_max <= 0:
-        raise ValueError(f"`lr_max` must be a float > 0 or None (the group's initial lr), got {lr_max!r}.")
-    return float(lr_max)
+    value = _check_number("lr_max", lr_max, "a float > 0 or None (the group's peak or initial lr)")
+    if value <= 0:
+        raise ValueError(f"`lr_max` must be a float > 0 or None (the group's peak or initial lr), got {lr_max!r}.")
+    return value
+
+
+def per_step_decay(mode: str, lr: Scalar, weight_decay: Scalar, lr_max: float | None) -> Scalar | None:
+    """The ``x`` of ``p *= 1 - x`` that ``mode`` applies in one step (``None`` for ``"coupled"``, which multiplies
+    nothing: it adds ``weight_decay * p`` to the gradient)."""
+    if mode == "decoupled":
+        return lr * weight_decay
+    if mode == "independent":
+        return lr / lr_max * weight_decay
+    return None
+
+
+def describe_mode_change(old: str, new: str, lr: float, old_lr_max: float | None, new_lr_max: float | None) -> str:
+    """How the per-step decay changes when a run trained in ``old`` mode goes on in ``new`` mode (at lr ``lr``)."""
+    if "coupled" in (old, new):
+        return (
+            "coupled decay adds wd*p to the gradient (scaled by the optimizer's adaptive denominator) and the other"
+            " modes shrink the weights directly, so the decay changes in kind, not by one factor"
+        )
+    before = per_step_decay(old, lr, 1.0, old_lr_max)
+    after = per_step_decay(new, lr, 1.0, new_lr_max)
+    return f"the per-step decay changes by a factor {after / before:.4g} at the current lr {lr:.4g}"

@@ -7,11 +7,19 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.core.optimizer import _MockOptimizer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.optim import Optimizer
 
-from lightning_wd.attach import WD_KEY, AttachedWeightDecay, calls_closure_repeatedly
-from lightning_wd.exclusion import excluded_parameters, format_exclusions
+from lightning_wd.attach import AttachedWeightDecay
+from lightning_wd.exclusion import (
+    COMPILED_SEGMENT,
+    check_patterns,
+    excluded_parameters,
+    format_exclusions,
+    unmatched_patterns,
+)
 from lightning_wd.modes import Mode, check_lr_max, check_mode, check_weight_decay
 from lightning_wd.naming import optimizer_names
 
@@ -19,40 +27,51 @@ from lightning_wd.naming import optimizer_names
 class WeightDecay(Callback):
     r"""Apply each param group's weight decay yourself, decoupled (AdamW) or coupled (L2), on every optimizer step.
 
-    At fit start the callback takes each param group's ``weight_decay`` (or the ``weight_decay`` argument, which
-    overrides every group), stores it in the group under ``"lightning_wd"``, sets the optimizer's own
-    ``weight_decay`` to 0, and from then on applies the decay once per real optimizer step, after backward and
-    gradient clipping, before the update:
+    Between steps the optimizer stays as you configured it: each param group keeps its ``weight_decay`` (which a
+    weight-decay schedule may rewrite before any step) and its switches. For the duration of each real optimizer
+    step, after backward and gradient clipping and before the update, the callback reads each group's current
+    ``weight_decay`` and applies it in the chosen mode:
 
     - ``mode="decoupled"``: :math:`p \leftarrow p - \eta_t \lambda p`; Adam then trains exactly as AdamW.
     - ``mode="coupled"``: :math:`g \leftarrow g + \lambda p`; AdamW then trains exactly as ``Adam(weight_decay=λ)``.
-    - ``mode="independent"``: :math:`p \leftarrow p - (\eta_t / \eta_{max}) \lambda p` (fully decoupled: follows the
-      lr schedule, not the lr's size); ``λ_independent = η_max · λ_pytorch`` gives the same run as ``"decoupled"``.
+    - ``mode="independent"``: :math:`p \leftarrow p - (\eta_t / \eta_{max}) \lambda p` (fully decoupled: follows
+      the lr schedule, not the lr's size); ``λ_independent = η_max · λ_pytorch`` gives the same run as
+      ``"decoupled"``.
 
-    Steps that AMP's grad scaler skips are not decayed; gradient accumulation decays once per real step; LR
-    schedulers act through the group's current ``lr``; param groups added during training (``BackboneFinetuning``)
-    are taken over at their first step; the decay is saved in the optimizer's state, so a resume continues exactly.
+    Where the optimizer implements the mode itself (AdamW in decoupled mode; Adam through its
+    ``decoupled_weight_decay`` switch) it gets the decay for the step and applies it in its own kernel; otherwise the
+    callback sets the group's ``weight_decay`` to 0 for the step and applies the decay in one batched pass. Steps
+    that AMP's grad scaler skips are not decayed; gradient accumulation decays once per real step; LR schedulers act
+    through the group's current ``lr``; param groups added during training (``BackboneFinetuning``) are taken over at
+    their first step. Each group records the mode (``"lightning_wd_mode"``), so a resume in another mode warns.
 
     Args:
         mode: ``"decoupled"`` (default), ``"coupled"`` or ``"independent"``.
-        weight_decay: one decay for every param group; ``None`` (default) keeps each group's own ``weight_decay``.
-        exclude: ``fnmatch`` patterns on ``named_parameters()`` names that get no decay, e.g. ``["*.bias"]``.
-        exclude_bias_and_norm: exclude every ``bias`` and every parameter of a normalization layer (found by
-            module type: BatchNorm, InstanceNorm, LayerNorm, GroupNorm, RMSNorm).
-        lr_max: reference lr of ``mode="independent"``; ``None`` takes each group's initial lr.
-        native: let ``torch.optim.Adam``/``AdamW`` apply the decay inside their own foreach/fused kernel (same
-            result, no extra pass over the weights). Other optimizers always use a separate foreach pass.
+        weight_decay: one decay for every param group, written into the groups at fit start and again after a
+            checkpoint is restored; ``None`` (default) keeps each group's own ``weight_decay``.
+        exclude: ``fnmatch`` patterns on ``named_parameters()`` names that get no decay, e.g. ``["*.bias"]``; under
+            ``torch.compile`` they also match the names without the ``_orig_mod.`` it adds.
+        exclude_bias_and_norm: exclude every bias (``bias``, ``in_proj_bias``, ...) and every parameter of a
+            normalization layer (found by module type: BatchNorm, InstanceNorm, LayerNorm, GroupNorm, RMSNorm).
+        lr_max: reference lr of ``mode="independent"``; ``None`` takes each group's peak where its scheduler
+            records one (``OneCycleLR``, ``CyclicLR``), else its initial lr.
+        native: let optimizers that implement the mode themselves apply the decay in their own kernel (same result,
+            no extra pass over the weights); ``False`` applies it in the separate pass for every optimizer.
         stochastic_rounding: decay bf16/fp16 weights (``precision="bf16-true"``) with stochastic rounding, so that a
             per-step decay ``lr * wd`` below the format's resolution (bf16: ``2**-8``) is not rounded away. Without
             it, such a lost decay is reported with a warning at fit start and whenever the lr makes it so.
         log_weight_decay: log the decay applied, as ``weight_decay/{optimizer}/pg{i}``, at every logging step.
-            ``None`` (default) does so when a ``LearningRateMonitor(log_weight_decay=True)`` is present, since that
-            monitor reads the optimizer's own ``weight_decay``, which this callback has set to 0.
+            ``None`` (default) does so when a ``LearningRateMonitor(log_weight_decay=True)`` is present, so that the
+            decay applied reads beside the monitor's columns.
 
     Raises:
-        ValueError: if ``mode`` is not one of the accepted values, or ``weight_decay < 0``, or ``lr_max <= 0``.
-        MisconfigurationException: at fit start, for an optimizer that evaluates its closure several times per step
-            (LBFGS), and for DeepSpeed, whose engine owns the optimizer step.
+        ValueError: if ``mode`` is not one of the accepted values, ``weight_decay`` is negative or not finite, or
+            ``lr_max`` is not a finite number above 0.
+        TypeError: if ``exclude`` holds anything but glob patterns (strings).
+        MisconfigurationException: at fit start, for two ``WeightDecay`` callbacks in one Trainer; for an optimizer
+            or param group whose decay cannot be given in ``mode`` (LBFGS, which evaluates its closure several
+            times per step; SparseAdam in coupled mode; ...: the message says why and what to use instead); for a
+            per-step decay of 1 or more; and for DeepSpeed, whose engine owns the optimizer step.
 
     Example::
 
@@ -75,9 +94,7 @@ class WeightDecay(Callback):
     ) -> None:
         self.mode = check_mode(mode)
         self.weight_decay = check_weight_decay(weight_decay)
-        if isinstance(exclude, str):
-            raise ValueError(f"`exclude` must be a list of glob patterns, got the string {exclude!r}.")
-        self.exclude = list(exclude)
+        self.exclude = check_patterns(exclude)
         self.exclude_bias_and_norm = bool(exclude_bias_and_norm)
         self.lr_max = check_lr_max(lr_max)
         self.native = bool(native)
@@ -86,27 +103,48 @@ class WeightDecay(Callback):
         self._attached: list[AttachedWeightDecay] = []
         self._log = False
 
+    def __repr__(self) -> str:
+        defaults = {"weight_decay": None, "exclude": [], "exclude_bias_and_norm": False, "lr_max": None,
+                    "native": True, "stochastic_rounding": False, "log_weight_decay": None}
+        args = [f"mode={self.mode!r}"] + [
+            f"{k}={getattr(self, k)!r}" for k, default in defaults.items() if getattr(self, k) != default
+        ]
+        return f"WeightDecay({', '.join(args)})"
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_strategy(trainer)
-        for opt in trainer.optimizers:
-            if calls_closure_repeatedly(opt):
-                raise MisconfigurationException(
-                    f"WeightDecay does not support {type(opt).__name__}: it evaluates its closure several times per"
-                    " step, and the decay would be applied once per evaluation instead of once per step."
-                )
+        self._check_alone(trainer)
+        self._detach()
+        optimizers = [opt for opt in trainer.optimizers if not isinstance(opt, _MockOptimizer)]
+        if not optimizers:
+            return  # `configure_optimizers` returned None: Lightning's placeholder, which never steps
+        for pattern in unmatched_patterns(pl_module, self.exclude):
+            compiled = any(COMPILED_SEGMENT in name for name, _ in pl_module.named_parameters())
+            rank_zero_warn(
+                f"WeightDecay: the `exclude` pattern {pattern!r} matches no parameter name, so it excludes nothing."
+                " Patterns match the names of `named_parameters()` (e.g. 'net.0.bias', '*.bias')"
+                + (", with or without the '_orig_mod.' that torch.compile adds." if compiled else ".")
+            )
         excluded = excluded_parameters(pl_module, self.exclude, self.exclude_bias_and_norm)
         if self.exclude or self.exclude_bias_and_norm:
             rank_zero_info(format_exclusions(pl_module, self.exclude, self.exclude_bias_and_norm))
-        self._detach()
-        self._attached = [
-            AttachedWeightDecay(
-                opt, self.mode, self.weight_decay, excluded.values(), self.lr_max, self.native, self.stochastic_rounding
-            )
-            for opt in trainer.optimizers
-        ]
-        for attached in self._attached:
-            attached.check_precision()
-        if all(g[WD_KEY] == 0 for a in self._attached for g in a.optimizer.param_groups):
+        try:
+            for opt in optimizers:
+                attached = AttachedWeightDecay(
+                    opt,
+                    self.mode,
+                    self.weight_decay,
+                    excluded.values(),
+                    self._lr_max_of(trainer, opt),
+                    self.native,
+                    self.stochastic_rounding,
+                )
+                self._attached.append(attached)
+                attached.check_decay()
+        except ValueError as err:  # a refusal: nothing has stepped, and nothing stays attached
+            self._detach()
+            raise MisconfigurationException(f"WeightDecay({self.mode!r}) cannot train this run: {err}") from err
+        if self.weight_decay is None and all(g.get("weight_decay", 0) == 0 for o in optimizers for g in o.param_groups):
             rank_zero_warn(
                 "WeightDecay found no decay to apply: every param group has `weight_decay=0` and the `weight_decay`"
                 " argument is None. Set `weight_decay` in the optimizer or pass `WeightDecay(weight_decay=...)`."
@@ -124,17 +162,33 @@ class WeightDecay(Callback):
                 " 'ddp' / 'fsdp' / ModelParallelStrategy strategies."
             )
 
+    def _check_alone(self, trainer: pl.Trainer) -> None:
+        mine = [cb for cb in trainer.callbacks if isinstance(cb, WeightDecay)]
+        if len(mine) > 1:
+            raise MisconfigurationException(
+                f"The Trainer has {len(mine)} WeightDecay callbacks: {', '.join(map(repr, mine))}. Each optimizer step"
+                " can take one decay: keep one of them."
+            )
+
+    def _lr_max_of(self, trainer: pl.Trainer, optimizer: Optimizer) -> float | list[float] | None:
+        """The explicit ``lr_max``, else the per-group peaks of a cyclic schedule (``CyclicLR`` starts from its
+        lowest lr, which schedulers record as ``initial_lr``, and keeps its peaks in ``max_lrs``)."""
+        if self.lr_max is not None or self.mode != "independent":
+            return self.lr_max
+        for config in trainer.lr_scheduler_configs:
+            peaks = getattr(config.scheduler, "max_lrs", None)
+            if getattr(config.scheduler, "optimizer", None) is optimizer and peaks is not None:
+                return [float(p) for p in peaks]
+        return None
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         # Lightning's own logging steps, as LearningRateMonitor(logging_interval="step"), so the two read side by side
         if not self._log or not trainer._logger_connector.should_update_logs or not trainer.loggers:
             return
         metrics = {}
         for name, attached in zip(optimizer_names([a.optimizer for a in self._attached]), self._attached):
-            # groups added since the last step (BackboneFinetuning) or restored from a checkpoint saved after fit
-            # are otherwise only taken over at the next step's pre-hook
-            attached.take_over()
             for i, group in enumerate(attached.optimizer.param_groups):
-                metrics[f"weight_decay/{name}/pg{i}"] = group[WD_KEY]
+                metrics[f"weight_decay/{name}/pg{i}"] = group.get("weight_decay", 0.0)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
@@ -143,7 +197,7 @@ class WeightDecay(Callback):
         self._detach()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._detach()
+        self._detach()  # puts the user's values back into every group, whatever step the exception stopped
 
     def _detach(self) -> None:
         for attached in self._attached:

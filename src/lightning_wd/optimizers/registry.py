@@ -1,0 +1,132 @@
+"""What lightning_wd knows about each optimizer class: how it applies its own ``weight_decay``, which switches of its
+param groups select the rule, what its decoupled decay is scaled by, and what it cannot do.
+
+The decay engine (:mod:`lightning_wd.attach`) is the reader; it never asks ``isinstance`` itself. Entries are keyed by
+import path (``"torch.optim.Adam"``) and resolved only once their package has been imported, so this module imports
+no optimizer package. A user (or another library) declares an optimizer in a few lines::
+
+    >>> from lightning_wd.optimizers import OptimizerRule, register_optimizer
+    >>> register_optimizer(
+    ...     "my_package.MyAdamW",
+    ...     OptimizerRule(own="decoupled", description="p *= 1 - lr*wd before the update"),
+    ... )
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from torch import Tensor
+from torch.optim import Optimizer
+
+Scalar = Union[float, Tensor]
+Group = Mapping[str, Any]
+
+#: the rules a ``mode`` of lightning_wd can ask for
+RULES: tuple[str, ...] = ("decoupled", "coupled", "independent")
+
+__all__ = [
+    "OptimizerRule",
+    "UNKNOWN",
+    "group_lr",
+    "register_optimizer",
+    "registered",
+    "rule_for",
+]
+
+
+def group_lr(optimizer: Optimizer, group: Group) -> Scalar:
+    """The step size most optimizers' decoupled decay multiplies: the group's current lr."""
+    return group["lr"]
+
+
+@dataclass(frozen=True)
+class OptimizerRule:
+    """How one optimizer class applies its param groups' ``weight_decay``.
+
+    Args:
+        own: the rule its own ``weight_decay`` implements for a group as configured: ``"coupled"`` (``g += wd*p``
+            before the update), ``"decoupled"`` (``p *= 1 - step_size*wd`` before the update), ``"independent"``,
+            or ``None`` for none of these (a rule of its own, or no ``weight_decay`` at all). A callable gets the
+            param group and returns one of these, for optimizers whose switches live in the group.
+        switches: for each rule the group settings under which its own decay is that rule, e.g.
+            ``{"decoupled": {"decoupled_weight_decay": True}, "coupled": {"decoupled_weight_decay": False}}``. The
+            engine sets them for the duration of a step (native handoff) and puts the user's values back after it.
+        step_size: what its decoupled decay multiplies ``wd`` by (``group["lr"]``; ``d * lr`` for Prodigy), as a
+            function of the optimizer and the group; the generic decoupled pass uses it. ``None``: not knowable
+            before the step (the generic decoupled pass is refused).
+        independent_native: whether ``weight_decay = wd / lr_max`` under the ``"decoupled"`` settings gives
+            ``mode="independent"`` (true where the step size is the group's lr).
+        refuse: a function ``(optimizer, group, rule) -> reason or None``: why the engine cannot give a group the
+            ``rule`` at all (e.g. ``weight_decay`` also switches a trust ratio on); checked at attach and per step.
+        generic_refusal: why the generic pass (``weight_decay`` set to 0 for the step, the decay applied by
+            lightning_wd) would change the training beyond the decay; ``None`` where it only removes the decay.
+        description: its own rule in words, for the compatibility table and messages.
+    """
+
+    own: str | None | Callable[[Group], str | None] = None
+    switches: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    step_size: Callable[[Optimizer, Group], Scalar] | None = group_lr
+    independent_native: bool = True
+    refuse: Callable[[Optimizer, Group, str], str | None] | None = None
+    generic_refusal: str | None = None
+    description: str = ""
+
+    def own_rule(self, group: Group) -> str | None:
+        return self.own(group) if callable(self.own) else self.own
+
+
+#: the rule assumed for a class nobody registered: its ``weight_decay`` only adds a decay, its step size is ``lr``
+UNKNOWN = OptimizerRule(own=None, description="unknown")
+
+_BY_PATH: dict[str, OptimizerRule] = {}
+_BY_CLASS: dict[type, OptimizerRule] = {}
+_UNRESOLVED: set[str] = set()
+
+
+def register_optimizer(cls: type | str, rule: OptimizerRule) -> None:
+    """Declare how ``cls`` (a class, or its import path such as ``"pytorch_optimizer.Lion"``) applies its decay.
+
+    A later registration of the same class replaces the earlier one, so a user can correct an entry.
+    """
+    if isinstance(cls, str):
+        _BY_PATH[cls] = rule
+        _UNRESOLVED.add(cls)
+    else:
+        _BY_CLASS[cls] = rule
+
+
+def _resolve() -> None:
+    """Turn the import paths whose package is already imported into classes (a class in use was imported)."""
+    for path in list(_UNRESOLVED):
+        module, _, name = path.rpartition(".")
+        if module.split(".")[0] not in sys.modules:
+            continue
+        _UNRESOLVED.discard(path)
+        try:
+            obj: Any = importlib.import_module(module)
+            obj = getattr(obj, name)
+        except (ImportError, AttributeError):
+            continue  # not in this version of the package
+        _BY_CLASS[obj] = _BY_PATH[path]
+
+
+def rule_for(optimizer: Optimizer | type) -> tuple[OptimizerRule, type | None]:
+    """The rule of ``optimizer``'s class, and the class it was registered under (a base class for a subclass;
+    ``None`` when nothing is registered and :data:`UNKNOWN` is returned)."""
+    _resolve()
+    cls = optimizer if isinstance(optimizer, type) else type(optimizer)
+    for klass in cls.__mro__:
+        rule = _BY_CLASS.get(klass)
+        if rule is not None:
+            return rule, klass
+    return UNKNOWN, None
+
+
+def registered() -> dict[str, OptimizerRule]:
+    """Every entry registered by import path (the compatibility table's rows)."""
+    return dict(_BY_PATH)
