@@ -312,14 +312,9 @@ def test_fp16_mixed_fused_optimizer_skipped_step_is_not_decayed(device, mode, cl
     for snap in (ref_snap, got_snap):
         assert_same_weights(snap.after[INF_BATCH], snap.before[INF_BATCH])
         assert_weights_differ(snap.after[INF_BATCH - 1], snap.before[INF_BATCH - 1], 0.0)
-    if mode == "decoupled":
-        assert_same_weights(got, ref)
-    else:
-        # coupled goes through the generic pass (AdamW): it adds scale * wd * p to the still-scaled gradient, which
-        # the fused kernel divides by the scale; (s*g + s*wd*p) / s rounds differently from g + wd*p by ~1 ulp per
-        # step. Tolerance ~100 fp32 ulps; a missing scale factor would leave the L2 term 2**16 times too small and
-        # move the weights by ~1e-3.
-        assert_close_weights(got, ref, rtol=1e-5, atol=1e-6)
+    # the generic coupled pass unscales the still-scaled gradient, adds wd * p and scales it back (exact for the
+    # scaler's power-of-two scales), so the fused kernel sees what its own L2 term makes: bit for bit
+    assert_same_weights(got, ref)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ reference lr (``"lightning_wd_lr_max"``), so that a checkpoint resumed in anothe
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Union
@@ -139,6 +140,7 @@ class AttachedWeightDecay:
         self._seen: dict[int, list[Tensor]] = {}
         self._group_info: dict[int, tuple[list[Tensor], int, frozenset[torch.dtype], bool]] = {}
         self._stash: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (group, the user's values) during a step
+        self._step_frame: Any = None  # the frame of the step() being taken over (see _pre_step)
         self._last_decay: dict[int, float] = {}
         self._warned: set[tuple[Any, ...]] = set()
         self._adopt(restored=False)
@@ -299,6 +301,13 @@ class AttachedWeightDecay:
                 )
 
     def _pre_step(self, optimizer: Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        # torch runs the hooks in a wrapper around each class's step(); a subclass whose step() calls super().step()
+        # runs them twice, nested. Only the outermost step takes the decay over: the wrapper's frame of the step in
+        # progress is still on the stack in a nested call (and not after a step that raised).
+        caller = sys._getframe(1)
+        if self._step_frame is not None and _on_stack(self._step_frame, caller):
+            return None
+        self._step_frame = caller
         self._restore()  # a step that raised inside the optimizer left its values: the user's come back first
         if len(self._seen) != len(self.optimizer.param_groups):
             self._adopt(restored=False)  # groups added during training (BackboneFinetuning, add_param_group)
@@ -312,6 +321,9 @@ class AttachedWeightDecay:
         return args, {**kwargs, "closure": wrapped}
 
     def _post_step(self, optimizer: Optimizer, args: tuple, kwargs: dict) -> None:
+        if sys._getframe(1) is not self._step_frame:
+            return  # the end of a nested step(): the outer one is still running
+        self._step_frame = None
         self._restore()
 
     def _restore(self) -> None:
@@ -384,6 +396,7 @@ class AttachedWeightDecay:
     def detach(self) -> None:
         """Remove the hooks; the groups hold the user's values (and the record of the mode they were trained in)."""
         self._restore()
+        self._step_frame = None
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -395,6 +408,15 @@ class AttachedWeightDecay:
 
     def __exit__(self, *exc: object) -> None:
         self.detach()
+
+
+def _on_stack(frame: Any, start: Any) -> bool:
+    """Whether ``frame`` is ``start`` or one of its callers."""
+    while start is not None:
+        if start is frame:
+            return True
+        start = start.f_back
+    return False
 
 
 def _check_lr_max_arg(lr_max: LrMax) -> Callable[[int], float | None]:

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.core.optimizer import _MockOptimizer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
@@ -109,13 +110,14 @@ class EffectiveLRMonitor(Callback):
         self._remove_hooks()
         self._trainer = trainer
         self._names = {id(p): name for name, p in pl_module.named_parameters()}
-        unsupported = sorted({type(o).__name__ for o in trainer.optimizers if not isinstance(o, SUPPORTED)})
+        optimizers = [o for o in trainer.optimizers if not isinstance(o, _MockOptimizer)]  # no optimizer configured
+        unsupported = sorted({type(o).__name__ for o in optimizers if not isinstance(o, SUPPORTED)})
         if unsupported:
             rank_zero_warn(
                 f"EffectiveLRMonitor skips {', '.join(unsupported)}: it reads the state of torch.optim.Adam and"
                 " AdamW (amsgrad on or off) only. For SGD the effective lr is the lr itself: use LearningRateMonitor."
             )
-        for name, opt in zip(optimizer_names(trainer.optimizers), trainer.optimizers):
+        for name, opt in zip(optimizer_names(optimizers), optimizers):
             if isinstance(opt, SUPPORTED):
                 self._handles.append(opt.register_step_post_hook(self._make_hook(name)))
 
