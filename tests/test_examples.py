@@ -41,12 +41,15 @@ def run_cli(config: str, tmp: Path, extra: list[str]) -> tuple[dict[str, torch.T
 
 
 def cached_run(tmp_path_factory: pytest.TempPathFactory, config: str, kind: str) -> tuple[dict, Path]:
-    """One run per (config, kind), shared by the tests of this module. ``kind``: "callback" or "reference"."""
+    """One run per (config, kind), shared by the tests of this module. ``kind``: "callback", "reference" (no
+    callback at all, and the optimizer that the mode must reproduce) or "override-coupled" (the config with the mode
+    overridden on the command line, as the README shows)."""
     if (config, kind) not in _runs:
-        # the reference: no callback at all, and the optimizer that the mode must reproduce
         extra = []
         if kind == "reference":
             extra = ["--trainer.callbacks=[]", f"--model.optimizer={REFERENCE_OPTIMIZER[config]}"]
+        elif kind == "override-coupled":
+            extra = ["--trainer.callbacks.mode=coupled"]
         _runs[config, kind] = run_cli(config, tmp_path_factory.mktemp(f"{config}_{kind}"), extra)
     return _runs[config, kind]
 
@@ -70,6 +73,17 @@ def test_config_trains_as_reference(config: str, tmp_path_factory: pytest.TempPa
 
     tags = EventAccumulator(str(log_dir)).Reload().Tags()["scalars"]
     assert {"effective_lr/Adam/pg0/median", "effective_lr/net.0.weight/max", "test/err"} <= set(tags)
+    # and the decay applied, beside LearningRateMonitor's columns
+    assert {"weight_decay/Adam/pg0", "lr-Adam", "lr-Adam-weight_decay"} <= set(tags)
+
+
+def test_the_mode_can_be_overridden_on_the_command_line(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """``--trainer.callbacks.mode=coupled`` on decoupled.yaml reaches WeightDecay (the last callback) and trains as
+    Adam's own L2, like coupled.yaml."""
+    weights, _ = cached_run(tmp_path_factory, "decoupled", "override-coupled")
+    reference, _ = cached_run(tmp_path_factory, "coupled", "reference")
+    for name in weights:
+        assert torch.equal(weights[name], reference[name]), f"override: {name} differs from Adam's own L2"
 
 
 def test_modes_are_told_apart(tmp_path_factory: pytest.TempPathFactory) -> None:
