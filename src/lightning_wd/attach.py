@@ -45,21 +45,27 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_wd.decay import add_l2_to_grads_, decay_weights_
+from lightning_wd.decay import add_l2_to_grads_, cautious_decay_, decay_weights_
 from lightning_wd.low_precision import LOW_PRECISION, decay_is_lost, lost_decay_message
 from lightning_wd.modes import (
+    WITH_LR_MAX,
     Mode,
     check_lr_max,
     check_mode,
+    check_timescale,
     check_weight_decay,
     describe_mode_change,
+    per_step_decay,
 )
 from lightning_wd.optimizers import OptimizerRule, group_lr, rule_for
+from lightning_wd.schedules import check_schedule, scheduled_weight_decay
 
 #: param-group key that records the mode a group is trained in
 MODE_KEY = "lightning_wd_mode"
-#: param-group key that holds the reference lr of ``mode="independent"``
+#: param-group key that holds the reference lr of ``mode="independent"`` and ``"corrected"``
 LR_MAX_KEY = "lightning_wd_lr_max"
+#: param-group key that counts the steps taken under a weight-decay ``schedule`` (saved, so a resume goes on)
+STEP_KEY = "lightning_wd_step"
 #: the key in which lightning-wd 0.1.0 kept the decay (with ``weight_decay`` at 0); read once and converted
 _LEGACY_KEY = "lightning_wd"
 
@@ -69,6 +75,7 @@ __all__ = [
     "AttachedWeightDecay",
     "LR_MAX_KEY",
     "MODE_KEY",
+    "STEP_KEY",
     "attach_weight_decay",
     "unwrap_optimizer",
 ]
@@ -118,6 +125,12 @@ class AttachedWeightDecay:
         lr_max: LrMax = None,
         native: bool = True,
         stochastic_rounding: bool = False,
+        schedule: str | None = None,
+        weight_decay_end: float | None = None,
+        total_steps: int | None = None,
+        uncorrected: Iterable[Tensor] = (),
+        cautious: bool = False,
+        timescale_steps: float | None = None,
     ) -> None:
         optimizer = unwrap_optimizer(optimizer)
         self.optimizer = optimizer
@@ -126,7 +139,20 @@ class AttachedWeightDecay:
         self._lr_max = _check_lr_max_arg(lr_max)
         self.native = bool(native)
         self.stochastic_rounding = bool(stochastic_rounding)
+        self.schedule = check_schedule(schedule, weight_decay_end)
+        self.weight_decay_end = check_weight_decay(weight_decay_end)
+        if self.schedule is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                          or total_steps < 1):
+            raise ValueError(f"`schedule={schedule!r}` needs `total_steps`, a positive int, got {total_steps!r}.")
+        self.total_steps = total_steps
+        self.cautious = bool(cautious)
+        if self.cautious and self.stochastic_rounding:
+            raise ValueError("`cautious=True` and `stochastic_rounding=True` cannot be combined yet; choose one.")
+        self.timescale_steps = check_timescale(timescale_steps, self.mode, self.weight_decay)
         self._excluded = {id(p) for p in exclude}
+        self._uncorrected = {id(p) for p in uncorrected}
+        if self._uncorrected and self.mode != "corrected":
+            raise ValueError("`uncorrected` parameters only make sense with mode='corrected'.")
         self.rule, registered_as = rule_for(optimizer)
         other = _ATTACHED.get(optimizer)
         if other is not None:
@@ -155,6 +181,10 @@ class AttachedWeightDecay:
         args = [f"mode={self.mode!r}"]
         if self.weight_decay is not None:
             args.append(f"weight_decay={self.weight_decay}")
+        if self.schedule is not None:
+            args.append(f"schedule={self.schedule!r}, weight_decay_end={self.weight_decay_end}")
+        if self.cautious:
+            args.append("cautious=True")
         if not self.native:
             args.append("native=False")
         return f"AttachedWeightDecay({', '.join(args)})"
@@ -174,6 +204,9 @@ class AttachedWeightDecay:
             if self.weight_decay is not None:  # an explicit argument wins over a resumed value
                 group["weight_decay"] = self.weight_decay
             self._record(index, group)
+            if self.timescale_steps is not None:  # as the argument: lambda = 1 / (lr_max * tau) at the peak lr
+                peak = 1.0 if self.mode == "independent" else group.get(LR_MAX_KEY, _peak_lr(group))
+                group["weight_decay"] = 1.0 / (peak * self.timescale_steps)
             refusal = self._plan(group)[1]
             if refusal is not None:
                 raise ValueError(f"lightning_wd: param group {index} of {type(self.optimizer).__name__}: {refusal}")
@@ -181,9 +214,9 @@ class AttachedWeightDecay:
 
     def _record(self, index: int, group: dict[str, Any]) -> None:
         old_mode, old_lr_max = group.get(MODE_KEY), group.get(LR_MAX_KEY)
-        if self.mode == "independent":
+        if self.mode in WITH_LR_MAX:
             explicit = self._lr_max(index)
-            lr_max = explicit if explicit is not None else old_lr_max if old_mode == "independent" else None
+            lr_max = explicit if explicit is not None else old_lr_max if old_mode in WITH_LR_MAX else None
             group[LR_MAX_KEY] = lr_max if lr_max is not None else _peak_lr(group)
         else:
             group.pop(LR_MAX_KEY, None)
@@ -192,8 +225,8 @@ class AttachedWeightDecay:
             return
         lr = _host_float(group["lr"])
         change = describe_mode_change(old_mode, self.mode, lr, old_lr_max, group.get(LR_MAX_KEY))
-        was = f"{old_mode!r}" + (f" (lr_max={old_lr_max:g})" if old_mode == "independent" else "")
-        now = f"{self.mode!r}" + (f" (lr_max={group[LR_MAX_KEY]:g})" if self.mode == "independent" else "")
+        was = f"{old_mode!r}" + (f" (lr_max={old_lr_max:g})" if old_mode in WITH_LR_MAX else "")
+        now = f"{self.mode!r}" + (f" (lr_max={group[LR_MAX_KEY]:g})" if self.mode in WITH_LR_MAX else "")
         rank_zero_warn(
             f"lightning_wd: param group {index} of {type(self.optimizer).__name__} was trained with mode={was} and"
             f" goes on with mode={now}: {change}."
@@ -205,36 +238,61 @@ class AttachedWeightDecay:
 
     # --- what each group gets: native handoff, the generic pass, or a refusal -----------------------------------
     def _info(self, group: dict[str, Any]) -> tuple[frozenset[torch.dtype], bool]:
+        """The dtypes of the group's parameters, and whether some of them need the per-parameter pass (excluded, or
+        uncorrected under mode="corrected")."""
         params = group["params"]
         info = self._group_info.get(id(params))
         if info is None or info[1] != len(params):
             dtypes = frozenset(p.dtype for p in params)
-            info = (params, len(params), dtypes, any(id(p) in self._excluded for p in params))
+            special = self._excluded | self._uncorrected
+            info = (params, len(params), dtypes, any(id(p) in special for p in params))
             self._group_info[id(params)] = info
         return info[2], info[3]
 
-    def _native_settings(self, group: dict[str, Any]) -> dict[str, Any] | None:
-        """The group settings under which the optimizer's own decay is ``self.mode`` for this step, or ``None``."""
-        if not self.native:
+    def current_weight_decay(self, group: dict[str, Any]) -> Any:
+        """The ``weight_decay`` the coming step applies to ``group``: the group's own, or its ``schedule`` value."""
+        wd = group.get("weight_decay", 0.0)
+        if self.schedule is None or isinstance(wd, Tensor):
+            return wd
+        return scheduled_weight_decay(self.schedule, wd, self.weight_decay_end, group.get(STEP_KEY, 0),
+                                      self.total_steps)
+
+    def per_step_decay(self, group: dict[str, Any], wd: Any = None) -> Any:
+        """The ``x`` of ``p *= 1 - x`` the coming step applies to ``group``'s parameters (``None`` in coupled
+        mode, which adds ``wd * p`` to the gradient instead); a host float, or a device tensor for a tensor lr."""
+        wd = self.current_weight_decay(group) if wd is None else wd
+        step_size = self.rule.step_size(self.optimizer, group) if self.rule.step_size is not None else None
+        return per_step_decay(self.mode, group["lr"], wd, group.get(LR_MAX_KEY), step_size)
+
+    def _native_settings(self, group: dict[str, Any], wd: Any) -> dict[str, Any] | None:
+        """The group settings under which the optimizer's own decay is this step's decay ``wd`` in ``self.mode``,
+        or ``None`` where it needs the generic pass."""
+        if not self.native or self.cautious:
             return None
-        dtypes, has_excluded = self._info(group)
-        if has_excluded or (self.stochastic_rounding and dtypes & set(LOW_PRECISION)):
+        dtypes, has_special = self._info(group)
+        if has_special or (self.stochastic_rounding and dtypes & set(LOW_PRECISION)):
             return None  # the optimizer's decay is per group; exclusions and rounding need the per-parameter pass
         rule = self.rule
         own = rule.own_rule(group)
+        changed = {} if wd == group.get("weight_decay") else {"weight_decay": wd}  # a scheduled value
         if own == self.mode:
-            return {}
+            return changed
         switched = rule.switches.get(self.mode)
         if switched is not None and all(k in group for k in switched):
-            return dict(switched)
-        if self.mode == "independent" and rule.independent_native and rule.step_size is group_lr:
-            # its own decoupled decay `lr * wd`, handed `wd / lr_max`, is the independent decay `(lr / lr_max) * wd`
+            return {**switched, **changed}
+        if self.mode in WITH_LR_MAX and rule.independent_native and rule.step_size is group_lr:
+            # its own decoupled decay `lr * c`, handed `c = x / lr` (independent: wd / lr_max; corrected:
+            # wd * lr / lr_max), is this mode's decay `x`; a tensor lr would make `c` a tensor: generic pass
             base = {} if own == "decoupled" else rule.switches.get("decoupled")
-            if base is not None and all(k in group for k in base):
-                return {**base, "weight_decay": group["weight_decay"] / group[LR_MAX_KEY]}
+            if base is None or not all(k in group for k in base):
+                return None
+            if self.mode == "independent":
+                return {**base, "weight_decay": wd / group[LR_MAX_KEY]}
+            if not isinstance(group["lr"], Tensor):
+                return {**base, "weight_decay": wd * group["lr"] / group[LR_MAX_KEY]}
         return None
 
-    def _plan(self, group: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    def _plan(self, group: dict[str, Any], wd: Any = None) -> tuple[dict[str, Any] | None, str | None]:
         """``(settings, None)`` for the native handoff, ``(None, None)`` for the generic pass, ``(None, reason)`` where
         this group cannot be given ``self.mode`` (checked at attach and at every step)."""
         rule: OptimizerRule = self.rule
@@ -242,10 +300,15 @@ class AttachedWeightDecay:
             reason = rule.refuse(self.optimizer, group, self.mode)
             if reason is not None:
                 return None, reason
-        settings = self._native_settings(group)
+        name = type(self.optimizer).__name__
+        if self.cautious and rule.update_direction is None:
+            return None, (
+                f"cautious decay needs the sign of each step's update before the step, and lightning_wd does not know"
+                f" how to compute it for {name}. Use cautious=False."
+            )
+        settings = self._native_settings(group, self.current_weight_decay(group) if wd is None else wd)
         if settings is not None:
             return settings, None
-        name = type(self.optimizer).__name__
         if rule.generic_refusal is not None:
             return None, (
                 f"mode={self.mode!r} needs the optimizer's own `weight_decay` set to 0 for the step, but in {name}"
@@ -260,19 +323,14 @@ class AttachedWeightDecay:
         """Check every group's per-step decay now (also done whenever it changes): refuse one that would zero or
         flip the weights, warn where bf16/fp16 rounding loses it."""
         for index, group in enumerate(self.optimizer.param_groups):
-            wd = group.get("weight_decay", 0.0)
+            wd = self.current_weight_decay(group)
             if isinstance(wd, Tensor) or wd != 0:
                 self._check_step(index, group, wd)
-
-    def _step_size(self, group: dict[str, Any]) -> Any:
-        if self.mode == "independent":
-            return group["lr"] / group[LR_MAX_KEY]
-        return self.rule.step_size(self.optimizer, group) if self.rule.step_size is not None else group["lr"]
 
     def _check_step(self, index: int, group: dict[str, Any], wd: Any) -> None:
         if self.mode == "coupled":
             return  # coupled decay multiplies nothing: it adds wd * p to the gradient
-        x = self._step_size(group) * wd
+        x = self.per_step_decay(group, wd)
         if isinstance(x, Tensor) or self._last_decay.get(id(group["params"])) == x:
             return  # a tensor is not read on the host (that would sync the device); an unchanged decay was checked
         self._last_decay[id(group["params"])] = x
@@ -283,12 +341,12 @@ class AttachedWeightDecay:
                 f" which zeroes or flips the sign of every weight (mode={self.mode!r}, weight_decay={wd:g}). A"
                 " per-step decay must be below 1; typical values are 1e-5 to 1e-2."
             )
-        if self.mode == "independent" and ("lr", index) not in self._warned and group["lr"] > group[LR_MAX_KEY]:
+        if self.mode in WITH_LR_MAX and ("lr", index) not in self._warned and group["lr"] > group[LR_MAX_KEY]:
             self._warned.add(("lr", index))
             rank_zero_warn(
                 f"lightning_wd: param group {index} of {name} has lr {group['lr']:.4g}, above its lr_max"
-                f" {group[LR_MAX_KEY]:.4g}, so mode='independent' decays it by more than weight_decay per step. Pass"
-                " `lr_max` = the schedule's peak lr."
+                f" {group[LR_MAX_KEY]:.4g}, so mode={self.mode!r} decays it by more than at the peak it assumes."
+                " Pass `lr_max` = the schedule's peak lr."
             )
         if self.stochastic_rounding:
             return  # stochastic rounding keeps the decay
@@ -325,6 +383,9 @@ class AttachedWeightDecay:
             return  # the end of a nested step(): the outer one is still running
         self._step_frame = None
         self._restore()
+        if self.schedule is not None:
+            for group in optimizer.param_groups:
+                group[STEP_KEY] = group.get(STEP_KEY, 0) + 1
 
     def _restore(self) -> None:
         """Put the user's values back into every group the current step changed."""
@@ -338,15 +399,18 @@ class AttachedWeightDecay:
         try:
             generic = []
             for index, group in enumerate(self.optimizer.param_groups):
-                wd = group.get("weight_decay", 0.0)
+                wd = self.current_weight_decay(group)
                 if not isinstance(wd, Tensor) and wd == 0:
+                    if group.get("weight_decay", 0.0) != 0:  # a schedule at 0 for this step
+                        self._stash.append((group, {"weight_decay": group["weight_decay"]}))
+                        group["weight_decay"] = 0.0
                     continue
-                settings, refusal = self._plan(group)
+                settings, refusal = self._plan(group, wd)
                 if refusal is not None:  # e.g. a switch the user flipped since attach
                     raise ValueError(f"lightning_wd: param group {index} of {type(self.optimizer).__name__}: {refusal}")
                 self._check_step(index, group, wd)
                 if settings is None:
-                    self._stash.append((group, {"weight_decay": wd}))
+                    self._stash.append((group, {"weight_decay": group.get("weight_decay", 0.0)}))
                     group["weight_decay"] = 0.0
                     generic.append((group, wd))
                 elif settings:
@@ -385,12 +449,44 @@ class AttachedWeightDecay:
         grad_scale = getattr(opt, "grad_scale", None) if amp_in_step else None
         for group, wd in groups:
             params = [p for p in group["params"] if p.grad is not None and id(p) not in self._excluded]
-            if self.mode == "coupled":
+            if self.cautious:
+                self._apply_cautious(group, params, wd, found_inf, grad_scale)
+            elif self.mode == "coupled":
                 grads = [p.grad for p in params]
                 add_l2_to_grads_(params, grads, -wd if group.get("maximize", False) else wd, grad_scale)
             else:
-                step_size = self._step_size(group)
-                decay_weights_(params, step_size, wd, skip=found_inf, stochastic_rounding=self.stochastic_rounding)
+                for subset, x in self._decays(group, params, wd):
+                    decay_weights_(subset, x, 1.0, skip=found_inf, stochastic_rounding=self.stochastic_rounding)
+
+    def _decays(self, group: dict[str, Any], params: list[Tensor], wd: Any) -> list[tuple[list[Tensor], Any]]:
+        """``(parameters, x)`` pairs of the multiplicative decay ``p *= 1 - x``: under mode="corrected" the
+        ``uncorrected`` parameters get the plain decoupled decay."""
+        x = self.per_step_decay(group, wd)
+        if not self._uncorrected:
+            return [(params, x)]
+        plain = [p for p in params if id(p) in self._uncorrected]
+        corrected = [p for p in params if id(p) not in self._uncorrected]
+        step_size = self.rule.step_size(self.optimizer, group) if self.rule.step_size is not None else group["lr"]
+        return [(corrected, x), (plain, per_step_decay("decoupled", group["lr"], wd, None, step_size))]
+
+    def _apply_cautious(self, group: dict[str, Any], params: list[Tensor], wd: Any, found_inf: Any,
+                        grad_scale: Any) -> None:
+        direction = self.rule.update_direction
+        for subset, x in self._decays(group, params, wd):
+            grads = [p.grad for p in subset]
+            directions = [direction(self.optimizer, group, p, g) for p, g in zip(subset, grads)]
+            if any(d is None for d in directions):
+                raise ValueError(
+                    f"lightning_wd: cautious decay cannot know the sign of {type(self.optimizer).__name__}'s update"
+                    " with these settings (e.g. RMSprop with momentum). Use cautious=False."
+                )
+            if grad_scale is not None:  # the gradient still carries the loss scale, the state does not
+                raise ValueError("lightning_wd: cautious decay does not support fused optimizers under fp16 AMP yet.")
+            if self.mode == "coupled":
+                l2 = -wd if group.get("maximize", False) else wd
+                cautious_decay_(subset, directions, grads=grads, weight_decay=l2)
+            else:
+                cautious_decay_(subset, directions, per_step_decay=x, skip=found_inf)
 
     # --- detaching -----------------------------------------------------------------------------------------------
     def detach(self) -> None:

@@ -17,7 +17,7 @@ Example::
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Union
 
 import torch
@@ -27,7 +27,19 @@ from lightning_wd.low_precision import LOW_PRECISION, stochastic_round
 
 Scalar = Union[float, Tensor]
 
-__all__ = ["add_l2_to_grads_", "decay_weights_", "group_by_device_and_dtype", "local_tensor"]
+#: the update direction of one parameter, elements ``[start, stop)`` of it flattened (a fresh tensor): its sign decides
+#: where cautious decay acts
+Direction = Callable[[int, int], Tensor]
+
+__all__ = [
+    "Direction",
+    "add_l2_to_grads_",
+    "cautious_chunk_elements",
+    "cautious_decay_",
+    "decay_weights_",
+    "group_by_device_and_dtype",
+    "local_tensor",
+]
 
 
 def local_tensor(t: Tensor) -> Tensor:
@@ -127,3 +139,53 @@ def add_l2_to_grads_(
             torch._foreach_div_(g, scale)
             torch._foreach_add_(g, p, alpha=weight_decay)
             torch._foreach_mul_(g, scale)
+
+
+def cautious_chunk_elements(device: torch.device) -> int:
+    """How many elements :func:`cautious_decay_` works on at a time: its temporaries are this size, never the
+    parameter's (512K elements on a CPU, where a chunk stays in cache; 16M on an accelerator, to keep launches few)."""
+    return 1 << 19 if device.type == "cpu" else 1 << 24
+
+
+@torch.no_grad()
+def cautious_decay_(
+    params: Sequence[Tensor],
+    directions: Sequence[Direction],
+    per_step_decay: Scalar | None = None,
+    grads: Sequence[Tensor] | None = None,
+    weight_decay: Scalar = 0.0,
+    skip: Tensor | None = None,
+) -> None:
+    """Cautious weight decay (Chen et al. 2025): decay only the elements whose update and weight have the same sign,
+    ``u * p >= 0`` (zero counts as the same sign), chunk by chunk.
+
+    Decoupled (``per_step_decay = x``): ``p *= 1 - x`` where ``u * p >= 0``. Coupled (``grads`` given):
+    ``g += weight_decay * p`` there. ``directions[i](start, stop)`` gives the update direction ``u`` of
+    ``params[i]``'s elements ``[start, stop)`` (flattened); it is called before the optimizer's step, from its state
+    and the gradient, so that no parameter-sized temporary is ever made. ``skip``: as in :func:`decay_weights_`.
+
+    Example::
+
+        >>> p = torch.tensor([1.0, -1.0, 2.0, 0.0])
+        >>> u = torch.tensor([0.5, 0.5, -3.0, 1.0])
+        >>> cautious_decay_([p], [lambda a, b: u[a:b].clone()], per_step_decay=0.5)
+        >>> p
+        tensor([ 0.5000, -1.0000,  2.0000,  0.0000])
+    """
+    for i, (param, direction) in enumerate(zip(params, directions)):
+        flat = local_tensor(param).view(-1)  # parameters are contiguous; a view, never a copy
+        target = flat if grads is None else local_tensor(grads[i]).view(-1)
+        if grads is None:
+            factor: Scalar = 1 - per_step_decay
+            if isinstance(factor, Tensor) or skip is not None:
+                factor = torch.as_tensor(factor, device=flat.device, dtype=torch.float32)
+                if skip is not None:
+                    factor = torch.where(_on_device(skip, flat.device) > 0, torch.ones_like(factor), factor)
+        chunk = cautious_chunk_elements(flat.device)
+        for start in range(0, flat.numel(), chunk):
+            stop = min(start + chunk, flat.numel())
+            same_sign = direction(start, stop).mul_(flat[start:stop]).ge(0)
+            if grads is None:
+                target[start:stop].mul_(torch.where(same_sign, factor, 1.0))
+            else:  # `add(p, alpha=wd)` where the signs agree: the arithmetic of the optimizers' own L2 term
+                target[start:stop].add_(torch.where(same_sign, flat[start:stop], 0.0), alpha=weight_decay)

@@ -23,21 +23,22 @@ COMPILED_SEGMENT = "_orig_mod."
 __all__ = ["NORM_TYPES", "check_patterns", "excluded_parameters", "format_exclusions", "unmatched_patterns"]
 
 
-def check_patterns(exclude: Any) -> list[str]:
-    """``exclude`` as a list of glob patterns, or a ``TypeError``/``ValueError`` that names it."""
-    if isinstance(exclude, str):
-        raise ValueError(f"`exclude` must be a list of glob patterns, got the string {exclude!r}; write [{exclude!r}].")
+def check_patterns(patterns: Any, name: str = "exclude") -> list[str]:
+    """``patterns`` as a list of glob patterns, or a ``TypeError``/``ValueError`` that names the argument ``name``."""
+    if isinstance(patterns, str):
+        raise ValueError(f"`{name}` must be a list of glob patterns, got the string {patterns!r}:"
+                         f" write [{patterns!r}].")
     try:
-        patterns = list(exclude)
+        checked = list(patterns)
     except TypeError:
-        raise TypeError(f"`exclude` must be a list of glob patterns (strings), got {exclude!r}.") from None
-    bad = [p for p in patterns if not isinstance(p, str)]
+        raise TypeError(f"`{name}` must be a list of glob patterns (strings), got {patterns!r}.") from None
+    bad = [p for p in checked if not isinstance(p, str)]
     if bad:
         raise TypeError(
-            f"`exclude` must hold glob patterns (strings) matched against `named_parameters()` names, got {bad!r}."
-            " To exclude parameters themselves use `attach_weight_decay(..., exclude=[...])`."
+            f"`{name}` must hold glob patterns (strings) matched against `named_parameters()` names, got {bad!r}."
+            f" To select parameters themselves use `attach_weight_decay(..., {name}=[...])`."
         )
-    return patterns
+    return checked
 
 
 def _is_bias(p_name: str) -> bool:

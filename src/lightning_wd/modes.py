@@ -7,8 +7,10 @@ from typing import Literal, Union
 
 from torch import Tensor
 
-Mode = Literal["decoupled", "coupled", "independent"]
-MODES: tuple[str, ...] = ("decoupled", "coupled", "independent")
+Mode = Literal["decoupled", "coupled", "independent", "corrected"]
+MODES: tuple[str, ...] = ("decoupled", "coupled", "independent", "corrected")
+#: the modes whose decay is measured against a reference lr ``lr_max``
+WITH_LR_MAX: tuple[str, ...] = ("independent", "corrected")
 Scalar = Union[float, Tensor]
 
 
@@ -44,13 +46,37 @@ def check_lr_max(lr_max: float | None) -> float | None:
     return value
 
 
-def per_step_decay(mode: str, lr: Scalar, weight_decay: Scalar, lr_max: float | None) -> Scalar | None:
+def check_timescale(timescale: float | None, mode: str, weight_decay: float | None) -> float | None:
+    """``timescale`` (> 0, finite), with a mode that shrinks the weights and no explicit ``weight_decay``."""
+    if timescale is None:
+        return None
+    value = _check_number("timescale", timescale, "a float > 0 or None")
+    if value <= 0:
+        raise ValueError(f"`timescale` must be > 0, got {timescale!r}.")
+    if mode == "coupled":
+        raise ValueError("`timescale` sets how fast the weights decay; mode='coupled' does not shrink them.")
+    if weight_decay is not None:
+        raise ValueError("Pass either `weight_decay` or `timescale` (which sets the weight decay), not both.")
+    return value
+
+
+def per_step_decay(
+    mode: str, lr: Scalar, weight_decay: Scalar, lr_max: float | None, step_size: Scalar | None = None
+) -> Scalar | None:
     """The ``x`` of ``p *= 1 - x`` that ``mode`` applies in one step (``None`` for ``"coupled"``, which multiplies
-    nothing: it adds ``weight_decay * p`` to the gradient)."""
+    nothing: it adds ``weight_decay * p`` to the gradient).
+
+    ``step_size`` is what the optimizer's own decoupled decay multiplies ``weight_decay`` by (``lr`` unless given:
+    ``d * lr`` for Prodigy): ``decoupled`` is ``step_size * wd``, ``independent`` ``(lr / lr_max) * wd`` (the schedule,
+    not the lr's size) and ``corrected`` ``step_size * (lr / lr_max) * wd`` (AdamC: ``wd * lr**2 / lr_max``).
+    """
+    step = lr if step_size is None else step_size
     if mode == "decoupled":
-        return lr * weight_decay
+        return step * weight_decay
     if mode == "independent":
         return lr / lr_max * weight_decay
+    if mode == "corrected":
+        return step * (lr / lr_max) * weight_decay
     return None
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
@@ -20,8 +21,11 @@ from lightning_wd.exclusion import (
     format_exclusions,
     unmatched_patterns,
 )
-from lightning_wd.modes import Mode, check_lr_max, check_mode, check_weight_decay
+from lightning_wd.modes import Mode, check_lr_max, check_mode, check_timescale, check_weight_decay
 from lightning_wd.naming import optimizer_names
+from lightning_wd.schedules import check_schedule
+
+TIMESCALE_UNITS: tuple[str, ...] = ("run", "epochs")
 
 
 class WeightDecay(Callback):
@@ -91,9 +95,27 @@ class WeightDecay(Callback):
         native: bool = True,
         stochastic_rounding: bool = False,
         log_weight_decay: bool | None = None,
+        schedule: Literal["cosine", "linear"] | None = None,
+        weight_decay_end: float | None = None,
+        uncorrected: Sequence[str] = (),
+        cautious: bool = False,
+        timescale: float | None = None,
+        timescale_unit: Literal["run", "epochs"] = "run",
     ) -> None:
         self.mode = check_mode(mode)
         self.weight_decay = check_weight_decay(weight_decay)
+        self.schedule = check_schedule(schedule, weight_decay_end)
+        self.weight_decay_end = check_weight_decay(weight_decay_end)
+        self.uncorrected = check_patterns(uncorrected, "uncorrected")
+        if self.uncorrected and self.mode != "corrected":
+            raise ValueError("`uncorrected` lists the parameters that mode='corrected' leaves uncorrected; it needs"
+                             f" mode='corrected', got mode={mode!r}.")
+        self.cautious = bool(cautious)
+        self.timescale = check_timescale(timescale, self.mode, self.weight_decay)
+        if timescale_unit not in TIMESCALE_UNITS:
+            raise ValueError(f"`timescale_unit` must be one of {', '.join(map(repr, TIMESCALE_UNITS))}, got"
+                             f" {timescale_unit!r}.")
+        self.timescale_unit = timescale_unit
         self.exclude = check_patterns(exclude)
         self.exclude_bias_and_norm = bool(exclude_bias_and_norm)
         self.lr_max = check_lr_max(lr_max)
@@ -105,7 +127,8 @@ class WeightDecay(Callback):
 
     def __repr__(self) -> str:
         defaults = {"weight_decay": None, "exclude": [], "exclude_bias_and_norm": False, "lr_max": None,
-                    "native": True, "stochastic_rounding": False, "log_weight_decay": None}
+                    "native": True, "stochastic_rounding": False, "log_weight_decay": None, "schedule": None,
+                    "weight_decay_end": None, "uncorrected": [], "cautious": False, "timescale": None}
         args = [f"mode={self.mode!r}"] + [
             f"{k}={getattr(self, k)!r}" for k, default in defaults.items() if getattr(self, k) != default
         ]
@@ -118,16 +141,19 @@ class WeightDecay(Callback):
         optimizers = [opt for opt in trainer.optimizers if not isinstance(opt, _MockOptimizer)]
         if not optimizers:
             return  # `configure_optimizers` returned None: Lightning's placeholder, which never steps
-        for pattern in unmatched_patterns(pl_module, self.exclude):
-            compiled = any(COMPILED_SEGMENT in name for name, _ in pl_module.named_parameters())
-            rank_zero_warn(
-                f"WeightDecay: the `exclude` pattern {pattern!r} matches no parameter name, so it excludes nothing."
-                " Patterns match the names of `named_parameters()` (e.g. 'net.0.bias', '*.bias')"
-                + (", with or without the '_orig_mod.' that torch.compile adds." if compiled else ".")
-            )
+        compiled = any(COMPILED_SEGMENT in name for name, _ in pl_module.named_parameters())
+        for arg, patterns in (("exclude", self.exclude), ("uncorrected", self.uncorrected)):
+            for pattern in unmatched_patterns(pl_module, patterns):
+                rank_zero_warn(
+                    f"WeightDecay: the `{arg}` pattern {pattern!r} matches no parameter name, so it selects nothing."
+                    " Patterns match the names of `named_parameters()` (e.g. 'net.0.bias', '*.bias')"
+                    + (", with or without the '_orig_mod.' that torch.compile adds." if compiled else ".")
+                )
         excluded = excluded_parameters(pl_module, self.exclude, self.exclude_bias_and_norm)
         if self.exclude or self.exclude_bias_and_norm:
             rank_zero_info(format_exclusions(pl_module, self.exclude, self.exclude_bias_and_norm))
+        uncorrected = excluded_parameters(pl_module, self.uncorrected).values()
+        total = trainer.estimated_stepping_batches if self.schedule is not None or self.timescale is not None else None
         try:
             for opt in optimizers:
                 attached = AttachedWeightDecay(
@@ -138,13 +164,20 @@ class WeightDecay(Callback):
                     self._lr_max_of(trainer, opt),
                     self.native,
                     self.stochastic_rounding,
+                    schedule=self.schedule,
+                    weight_decay_end=self.weight_decay_end,
+                    total_steps=_steps(total),
+                    uncorrected=uncorrected,
+                    cautious=self.cautious,
+                    timescale_steps=self._timescale_steps(trainer, total),
                 )
                 self._attached.append(attached)
                 attached.check_decay()
         except ValueError as err:  # a refusal: nothing has stepped, and nothing stays attached
             self._detach()
             raise MisconfigurationException(f"WeightDecay({self.mode!r}) cannot train this run: {err}") from err
-        if self.weight_decay is None and all(g.get("weight_decay", 0) == 0 for o in optimizers for g in o.param_groups):
+        nothing = self.weight_decay is None and self.timescale is None
+        if nothing and all(g.get("weight_decay", 0) == 0 for o in optimizers for g in o.param_groups):
             rank_zero_warn(
                 "WeightDecay found no decay to apply: every param group has `weight_decay=0` and the `weight_decay`"
                 " argument is None. Set `weight_decay` in the optimizer or pass `WeightDecay(weight_decay=...)`."
@@ -181,14 +214,30 @@ class WeightDecay(Callback):
                 return [float(p) for p in peaks]
         return None
 
+    def _timescale_steps(self, trainer: pl.Trainer, total: float | None) -> float | None:
+        """The ``timescale`` argument in optimizer steps: a fraction of the run's steps, or epochs of steps."""
+        if self.timescale is None:
+            return None
+        if self.timescale_unit == "run":
+            return self.timescale * _steps(total)
+        per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        return self.timescale * per_epoch
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         # Lightning's own logging steps, as LearningRateMonitor(logging_interval="step"), so the two read side by side
         if not self._log or not trainer._logger_connector.should_update_logs or not trainer.loggers:
             return
         metrics = {}
+        total = trainer.estimated_stepping_batches
         for name, attached in zip(optimizer_names([a.optimizer for a in self._attached]), self._attached):
             for i, group in enumerate(attached.optimizer.param_groups):
-                metrics[f"weight_decay/{name}/pg{i}"] = group.get("weight_decay", 0.0)
+                wd = attached.current_weight_decay(group)
+                metrics[f"weight_decay/{name}/pg{i}"] = wd
+                x = attached.per_step_decay(group, wd)
+                if isinstance(x, (int, float)) and x > 0:  # the timescale 1 / x of the decay, in steps and of the run
+                    metrics[f"timescale/{name}/pg{i}"] = 1 / x
+                    if math.isfinite(total):
+                        metrics[f"timescale_fraction/{name}/pg{i}"] = 1 / (x * total)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
@@ -203,3 +252,14 @@ class WeightDecay(Callback):
         for attached in self._attached:
             attached.detach()
         self._attached = []
+
+
+def _steps(total: float | None) -> int | None:
+    """``trainer.estimated_stepping_batches`` as a step count; a run without an end (``inf``) cannot be scheduled."""
+    if total is None:
+        return None
+    if not math.isfinite(total):
+        raise MisconfigurationException(
+            "WeightDecay's `schedule` and `timescale` need the length of the run: set `max_steps` or `max_epochs`."
+        )
+    return int(total)

@@ -65,6 +65,10 @@ class OptimizerRule:
             ``rule`` at all (e.g. ``weight_decay`` also switches a trust ratio on); checked at attach and per step.
         generic_refusal: why the generic pass (``weight_decay`` set to 0 for the step, the decay applied by
             lightning_wd) would change the training beyond the decay; ``None`` where it only removes the decay.
+        update_direction: for cautious decay, a function ``(optimizer, group, param, grad) -> direction`` where
+            ``direction(start, stop)`` gives this step's update direction (its sign is what matters) for the
+            flattened elements ``[start, stop)``, computed before the step from the state and the gradient; ``None``
+            where the sign of the update cannot be known before the step (cautious decay is then refused).
         description: its own rule in words, for the compatibility table and messages.
     """
 
@@ -74,6 +78,7 @@ class OptimizerRule:
     independent_native: bool = True
     refuse: Callable[[Optimizer, Group, str], str | None] | None = None
     generic_refusal: str | None = None
+    update_direction: Callable[[Optimizer, Group, Tensor, Tensor], Callable[[int, int], Tensor]] | None = None
     description: str = ""
 
     def own_rule(self, group: Group) -> str | None:

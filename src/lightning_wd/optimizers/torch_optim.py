@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_wd.decay import local_tensor
 from lightning_wd.optimizers.registry import Group, OptimizerRule, Scalar, register_optimizer
+
+Direction = Callable[[int, int], Tensor]
 
 # torch's Adam, AdamW, NAdam and RAdam keep the switch in each param group: `decoupled_weight_decay`
 _FLAG = "decoupled_weight_decay"
@@ -33,6 +39,53 @@ def _adagrad_step_size(optimizer: Optimizer, group: Group) -> Scalar:
     return lr / (1 + step * lr_decay)
 
 
+# --- the sign of this step's update, before the step (cautious decay) ------------------------------------------------
+def _flat_grad(group: Group, grad: Tensor) -> Tensor:
+    g = local_tensor(grad).view(-1)
+    return g.neg() if group.get("maximize", False) else g  # a maximizing optimizer steps along +g
+
+
+def gradient_direction(optimizer: Optimizer, group: Group, param: Tensor, grad: Tensor) -> Direction:
+    """Optimizers that divide the gradient by a positive denominator (Adagrad, Adafactor, RMSprop without momentum):
+    the update has the gradient's sign."""
+    g = _flat_grad(group, grad)
+    return lambda start, stop: g[start:stop].clone()
+
+
+def adam_direction(optimizer: Optimizer, group: Group, param: Tensor, grad: Tensor) -> Direction:
+    """Adam, AdamW, RAdam, Adamax: the update has the sign of this step's first moment ``lerp(m, g, 1 - beta1)``,
+    computed as torch's Adam computes it (``m = 0`` before the first step)."""
+    g = _flat_grad(group, grad)
+    m = optimizer.state.get(param, {}).get("exp_avg")
+    if m is None:
+        return lambda start, stop: g[start:stop].clone()
+    m = local_tensor(m).view(-1)
+    weight = 1 - group["betas"][0]
+    return lambda start, stop: torch.lerp(m[start:stop], g[start:stop], weight)
+
+
+def sgd_direction(optimizer: Optimizer, group: Group, param: Tensor, grad: Tensor) -> Direction:
+    """SGD: the gradient, or with momentum the new buffer ``mu * buf + (1 - dampening) * g`` (Nesterov: ``g + mu *
+    buf``), as torch's SGD computes them (the buffer is ``g`` at the first step)."""
+    g = _flat_grad(group, grad)
+    mu, dampening, nesterov = group["momentum"], group["dampening"], group["nesterov"]
+    if mu == 0:
+        return lambda start, stop: g[start:stop].clone()
+    buf = optimizer.state.get(param, {}).get("momentum_buffer")
+    buf = local_tensor(buf).view(-1) if buf is not None else None
+
+    def direction(start: int, stop: int) -> Tensor:
+        gc = g[start:stop]
+        new = gc.clone() if buf is None else buf[start:stop].mul(mu).add_(gc, alpha=1 - dampening)
+        return gc.add(new, alpha=mu) if nesterov else new
+
+    return direction
+
+
+def _rmsprop_direction(optimizer: Optimizer, group: Group, param: Tensor, grad: Tensor) -> Direction | None:
+    return gradient_direction(optimizer, group, param, grad) if group["momentum"] == 0 else None
+
+
 def _never(reason: str):
     return lambda optimizer, group, rule: reason
 
@@ -58,17 +111,27 @@ def _rprop(optimizer: Optimizer, group: Group, rule: str) -> str | None:
 L2 = "L2: `g += wd*p` before the update"
 DECOUPLED = "`p *= 1 - lr*wd` before the update"
 
-for _name in ("SGD", "RMSprop", "Adamax", "ASGD"):
-    register_optimizer(f"torch.optim.{_name}", OptimizerRule(own="coupled", description=L2))
+register_optimizer("torch.optim.SGD", OptimizerRule(own="coupled", update_direction=sgd_direction, description=L2))
+register_optimizer("torch.optim.Adamax", OptimizerRule(own="coupled", update_direction=adam_direction,
+                                                       description=L2))
+register_optimizer("torch.optim.ASGD", OptimizerRule(own="coupled", update_direction=gradient_direction,
+                                                     description=L2))
+register_optimizer(
+    "torch.optim.RMSprop",
+    OptimizerRule(own="coupled", update_direction=_rmsprop_direction,
+                  description=f"{L2}; cautious decay only without momentum"),
+)
 register_optimizer(
     "torch.optim.Adadelta",
-    OptimizerRule(own="coupled", description=f"{L2}; its lr is a multiplier (default 1.0) of an adaptive step"),
+    OptimizerRule(own="coupled", update_direction=gradient_direction,
+                  description=f"{L2}; its lr is a multiplier (default 1.0) of an adaptive step"),
 )
 register_optimizer(
     "torch.optim.Adagrad",
     OptimizerRule(
         own="coupled",
         step_size=_adagrad_step_size,
+        update_direction=gradient_direction,
         description=f"{L2}; decoupled decay follows its decayed lr `lr / (1 + (t-1)*lr_decay)`",
     ),
 )
@@ -78,6 +141,8 @@ for _name in ("Adam", "AdamW", "NAdam", "RAdam"):
         OptimizerRule(
             own=_adamw_rule if _name == "AdamW" else _flagged_rule,
             switches=_FLAGGED,
+            # NAdam's update mixes g and m with step-dependent weights: its sign is not m's
+            update_direction=None if _name == "NAdam" else adam_direction,
             description=f"{L2}, or {DECOUPLED} with `decoupled_weight_decay=True` (AdamW: always)",
         ),
     )
@@ -85,6 +150,7 @@ register_optimizer(
     "torch.optim.Adafactor",
     OptimizerRule(
         own="decoupled",
+        update_direction=gradient_direction,
         description=f"{DECOUPLED}, after measuring RMS(p) for its step size (the generic pass decays first)",
     ),
 )
