@@ -560,6 +560,12 @@ def attach_weight_decay(
     lr_max: LrMax = None,
     native: bool = True,
     stochastic_rounding: bool = False,
+    schedule: str | None = None,
+    weight_decay_end: float | None = None,
+    total_steps: int | None = None,
+    uncorrected: Iterable[Tensor] = (),
+    cautious: bool = False,
+    timescale_steps: float | None = None,
 ) -> AttachedWeightDecay:
     """Take over the weight decay of ``optimizer`` for each step and apply it in ``mode``.
 
@@ -571,8 +577,8 @@ def attach_weight_decay(
         optimizer: any ``torch.optim.Optimizer`` whose ``step()`` evaluates its closure at most once, or the
             optimizer that ``fabric.setup(...)`` returns.
         mode: ``"decoupled"`` (``p -= lr * wd * p``, AdamW), ``"coupled"`` (``grad += wd * p``, L2 as in
-            ``Adam(weight_decay=...)``) or ``"independent"`` (``p -= (lr / lr_max) * wd * p``, decay that follows the
-            lr schedule but not the lr's size).
+            ``Adam(weight_decay=...)``), ``"independent"`` (``p -= (lr / lr_max) * wd * p``, decay that follows the
+            lr schedule but not the lr's size) or ``"corrected"`` (``p -= (lr**2 / lr_max) * wd * p``, AdamC).
         weight_decay: one decay for every group, written into the groups now and again after ``load_state_dict``;
             ``None`` keeps each group's own ``weight_decay``.
         exclude: parameters never decayed (e.g. biases and norm weights).
@@ -584,6 +590,15 @@ def attach_weight_decay(
         stochastic_rounding: decay bf16/fp16 weights with stochastic rounding, so that a per-step decay smaller than
             the format's resolution is not rounded away (see :mod:`lightning_wd.low_precision`). Without it, such a
             lost decay is reported with a warning, once per group and dtype.
+        schedule: ``"cosine"`` or ``"linear"``: the decay goes from each group's ``weight_decay`` to
+            ``weight_decay_end`` over ``total_steps`` steps (see :mod:`lightning_wd.schedules`); the steps taken are
+            counted in the groups (``"lightning_wd_step"``), so a resumed ``state_dict`` goes on.
+        weight_decay_end, total_steps: the end value and length of ``schedule``.
+        uncorrected: under ``mode="corrected"``, parameters that get the plain decoupled decay instead.
+        cautious: decay only the elements whose update (its sign, read from the optimizer's state and gradient
+            before the step) has the weight's sign (Chen et al. 2025).
+        timescale_steps: set each group's ``weight_decay`` so that the decay's timescale ``1 / (per-step decay)`` at
+            the peak lr is this many steps: ``1 / (lr_max * timescale_steps)`` (independent: ``1 / timescale_steps``).
 
     Returns:
         A handle whose ``detach()`` removes the hooks.
@@ -605,4 +620,7 @@ def attach_weight_decay(
         'decoupled'
         >>> handle.detach()
     """
-    return AttachedWeightDecay(optimizer, mode, weight_decay, exclude, lr_max, native, stochastic_rounding)
+    return AttachedWeightDecay(
+        optimizer, mode, weight_decay, exclude, lr_max, native, stochastic_rounding, schedule, weight_decay_end,
+        total_steps, uncorrected, cautious, timescale_steps,
+    )

@@ -41,7 +41,7 @@ def scheduled_weight_decay(schedule: str, wd0: float, wd_end: float, t: int, tot
     """``λ_t`` of ``schedule`` (see the module docstring) at the step taken after ``t`` steps of ``total``."""
     if wd0 == 0:
         return 0.0
-    progress = min(t, total) / total
+    t = min(t, total)
     if schedule == "cosine":
-        return wd_end + (wd0 - wd_end) * (1 + math.cos(math.pi * progress)) / 2
-    return wd0 + (wd_end - wd0) * progress
+        return wd_end + (wd0 - wd_end) * (1 + math.cos(math.pi * t / total)) / 2
+    return wd0 + (wd_end - wd0) * t / total

@@ -220,6 +220,12 @@ class WeightDecay(Callback):
             return None
         if self.timescale_unit == "run":
             return self.timescale * _steps(total)
+        if trainer.train_dataloader is None:  # as `estimated_stepping_batches` does, to know the epoch's length
+            trainer.fit_loop.setup_data()
+        if not math.isfinite(trainer.num_training_batches):
+            raise MisconfigurationException(
+                "WeightDecay(timescale_unit='epochs') needs the length of an epoch; the train dataloader has none."
+            )
         per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
         return self.timescale * per_epoch
 
