@@ -294,7 +294,8 @@ def test_fsdp2_step_decays_local_shards_without_gathering(fsdp2, name):
         used, unused = ("decay_weights_", "add_l2_to_grads_")[:: 1 if run["mode"] == "decoupled" else -1]
         assert spy[unused] == []
         assert len(spy[used]) == STEPS
-        expected_numbers = [LR, WD] if used == "decay_weights_" else [WD]
+        # decay_weights_(params, x, 1.0) with the per-step decay x = lr * wd; add_l2_to_grads_(params, grads, wd)
+        expected_numbers = [LR * WD, 1.0] if used == "decay_weights_" else [WD]
         assert [call["numbers"] for call in spy[used]] == [expected_numbers] * STEPS
         _assert_local_only(spy[used], local_shapes)
 
@@ -347,9 +348,9 @@ def test_fsdp2_checkpoint_resume_equals_uninterrupted_run(fsdp2, tmp_path):
         calls = run["spy"]["decay_weights_"]
         n_before, n_after = len(run["seen"]), len(run["resumed"]["seen"])
         # the uninterrupted fit, then at most one lr=0 call from the DCP load, then the resumed fit
-        assert [c["numbers"] for c in calls[:n_before]] == [[LR, WD]] * n_before
-        assert [c["numbers"] for c in calls[n_before:-n_after]] in ([], [[0.0, WD]])
-        assert [c["numbers"] for c in calls[-n_after:]] == [[LR, WD]] * n_after
+        assert [c["numbers"] for c in calls[:n_before]] == [[LR * WD, 1.0]] * n_before
+        assert [c["numbers"] for c in calls[n_before:-n_after]] in ([], [[0.0, 1.0]])
+        assert [c["numbers"] for c in calls[-n_after:]] == [[LR * WD, 1.0]] * n_after
         _assert_local_only(calls, list(run["local_shapes"].values()))
         assert run["spy"]["add_l2_to_grads_"] == []
     # the distributed checkpoint holds the optimizer as configured with the mode it trains in, and earlier weights
