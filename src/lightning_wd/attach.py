@@ -206,6 +206,8 @@ class AttachedWeightDecay:
             self._record(index, group)
             if self.timescale_steps is not None:  # as the argument: lambda = 1 / (lr_max * tau) at the peak lr
                 peak = 1.0 if self.mode == "independent" else group.get(LR_MAX_KEY, _peak_lr(group))
+                if peak is None:
+                    raise ValueError(f"lightning_wd: param group {index}: `timescale` needs an lr, and it is None.")
                 group["weight_decay"] = 1.0 / (peak * self.timescale_steps)
             refusal = self._plan(group)[1]
             if refusal is not None:
@@ -217,13 +219,15 @@ class AttachedWeightDecay:
         if self.mode in WITH_LR_MAX:
             explicit = self._lr_max(index)
             lr_max = explicit if explicit is not None else old_lr_max if old_mode in WITH_LR_MAX else None
+            if lr_max is None:  # the optimizer's own reference (optimi's max_lr), else the schedule's peak
+                lr_max = self._own_lr_max(group)
             group[LR_MAX_KEY] = lr_max if lr_max is not None else _peak_lr(group)
         else:
             group.pop(LR_MAX_KEY, None)
         group[MODE_KEY] = self.mode
         if old_mode is None or (old_mode, old_lr_max) == (self.mode, group.get(LR_MAX_KEY)):
             return
-        lr = _host_float(group["lr"])
+        lr = _host_float(group["lr"]) if group.get("lr") is not None else 1.0
         change = describe_mode_change(old_mode, self.mode, lr, old_lr_max, group.get(LR_MAX_KEY))
         was = f"{old_mode!r}" + (f" (lr_max={old_lr_max:g})" if old_mode in WITH_LR_MAX else "")
         now = f"{self.mode!r}" + (f" (lr_max={group[LR_MAX_KEY]:g})" if self.mode in WITH_LR_MAX else "")
@@ -261,6 +265,10 @@ class AttachedWeightDecay:
         """The ``x`` of ``p *= 1 - x`` the coming step applies to ``group``'s parameters (``None`` in coupled
         mode, which adds ``wd * p`` to the gradient instead); a host float, or a device tensor for a tensor lr."""
         wd = self.current_weight_decay(group) if wd is None else wd
+        if self.mode == "coupled" or group.get("lr") is None:
+            return None  # coupled multiplies nothing; a relative step size (lr None) is not known outside the step
+        if self.rule.step_size is None and self.mode != "independent":
+            return None
         step_size = self.rule.step_size(self.optimizer, group) if self.rule.step_size is not None else None
         return per_step_decay(self.mode, group["lr"], wd, group.get(LR_MAX_KEY), step_size)
 
@@ -275,48 +283,81 @@ class AttachedWeightDecay:
         rule = self.rule
         own = rule.own_rule(group)
         changed = {} if wd == group.get("weight_decay") else {"weight_decay": wd}  # a scheduled value
-        if own == self.mode:
+        same_reference = self.mode not in WITH_LR_MAX or self._own_lr_max(group) == group.get(LR_MAX_KEY)
+        if own == self.mode and same_reference:
             return changed
         switched = rule.switches.get(self.mode)
-        if switched is not None and all(k in group for k in switched):
+        if switched is not None and all(k in group for k in switched) and same_reference:
             return {**switched, **changed}
-        if self.mode in WITH_LR_MAX and rule.independent_native and rule.step_size is group_lr:
+        if self.mode in WITH_LR_MAX and rule.step_size is group_lr and rule.generic_is_exact(group):
             # its own decoupled decay `lr * c`, handed `c = x / lr` (independent: wd / lr_max; corrected:
             # wd * lr / lr_max), is this mode's decay `x`; a tensor lr would make `c` a tensor: generic pass
             base = {} if own == "decoupled" else rule.switches.get("decoupled")
-            if base is None or not all(k in group for k in base):
+            if base is None or not all(k in group for k in base) or group.get(LR_MAX_KEY) is None:
                 return None
             if self.mode == "independent":
                 return {**base, "weight_decay": wd / group[LR_MAX_KEY]}
-            if not isinstance(group["lr"], Tensor):
+            if isinstance(group["lr"], (int, float)):
                 return {**base, "weight_decay": wd * group["lr"] / group[LR_MAX_KEY]}
         return None
+
+    def _own_lr_max(self, group: dict[str, Any]) -> float | None:
+        """The reference lr of the optimizer's own independent/corrected decay, where it has one."""
+        return self.rule.reference_lr(self.optimizer, group) if self.rule.reference_lr is not None else None
 
     def _plan(self, group: dict[str, Any], wd: Any = None) -> tuple[dict[str, Any] | None, str | None]:
         """``(settings, None)`` for the native handoff, ``(None, None)`` for the generic pass, ``(None, reason)`` where
         this group cannot be given ``self.mode`` (checked at attach and at every step)."""
         rule: OptimizerRule = self.rule
+        mode, name = self.mode, type(self.optimizer).__name__
         if rule.refuse is not None:
-            reason = rule.refuse(self.optimizer, group, self.mode)
+            reason = rule.refuse(self.optimizer, group, mode)
             if reason is not None:
                 return None, reason
-        name = type(self.optimizer).__name__
         if self.cautious and rule.update_direction is None:
             return None, (
                 f"cautious decay needs the sign of each step's update before the step, and lightning_wd does not know"
                 f" how to compute it for {name}. Use cautious=False."
             )
+        if mode in WITH_LR_MAX and (group.get("lr") is None or group.get(LR_MAX_KEY) is None):
+            return None, (
+                f"mode={mode!r} scales the decay by lr / lr_max, and this group's lr is None ({name} then takes a"
+                " relative step size of its own). Give the optimizer an lr, or use mode='decoupled'."
+            )
         settings = self._native_settings(group, self.current_weight_decay(group) if wd is None else wd)
         if settings is not None:
             return settings, None
-        if rule.generic_refusal is not None:
+        # the generic pass: weight_decay set to 0 for the step, the decay applied by lightning_wd before it
+        why = self._why_generic()
+        if rule.own_rule(group) == mode and not rule.generic_is_exact(group):
             return None, (
-                f"mode={self.mode!r} needs the optimizer's own `weight_decay` set to 0 for the step, but in {name}"
-                f" `weight_decay` {rule.generic_refusal}"
+                f"{name}'s own {mode} decay ({rule.description}) happens where lightning_wd's separate pass, needed"
+                f" for {why}, cannot reproduce it. Give the parameters to exclude a param group with"
+                " weight_decay=0 instead of `exclude`, or leave the decay to the optimizer (native=True)."
             )
-        if self.mode != "coupled" and rule.step_size is None:
-            return None, f"{name}'s step size is not known before its step, so a decoupled decay cannot follow it."
+        if rule.generic_refusal is not None:
+            reason = rule.generic_refusal(self.optimizer, group, mode)
+            if reason is not None:
+                return None, f"mode={mode!r} needs lightning_wd's separate pass for {why}, but {reason}"
+        if mode != "coupled" and rule.step_size is None:
+            return None, (
+                f"{name}'s step size is relative (set per parameter inside its step), so a decay that follows it"
+                " cannot be applied outside the step. Give it an lr (e.g. relative_step=False), or use"
+                " mode='decoupled' without exclusions so that it applies its own decay."
+            )
         return None, None
+
+    def _why_generic(self) -> str:
+        """Why a group takes the generic pass, in words, for messages."""
+        if self.cautious:
+            return "cautious decay"
+        if not self.native:
+            return "native=False"
+        if self._excluded or self._uncorrected:
+            return "excluded or uncorrected parameters"
+        if self.stochastic_rounding:
+            return "stochastic rounding"
+        return f"mode={self.mode!r}, which {type(self.optimizer).__name__} does not implement itself"
 
     # --- per step ------------------------------------------------------------------------------------------------
     def check_decay(self) -> None:
@@ -331,7 +372,7 @@ class AttachedWeightDecay:
         if self.mode == "coupled":
             return  # coupled decay multiplies nothing: it adds wd * p to the gradient
         x = self.per_step_decay(group, wd)
-        if isinstance(x, Tensor) or self._last_decay.get(id(group["params"])) == x:
+        if x is None or isinstance(x, Tensor) or self._last_decay.get(id(group["params"])) == x:
             return  # a tensor is not read on the host (that would sync the device); an unchanged decay was checked
         self._last_decay[id(group["params"])] = x
         name = type(self.optimizer).__name__
@@ -524,14 +565,14 @@ def _check_lr_max_arg(lr_max: LrMax) -> Callable[[int], float | None]:
     return lambda index: value
 
 
-def _peak_lr(group: Mapping[str, Any]) -> float:
+def _peak_lr(group: Mapping[str, Any]) -> float | None:
     """The reference lr of ``mode="independent"``: the schedule's peak where the scheduler records one in the group
     (``OneCycleLR``'s ``max_lr``), else the lr it started from (``initial_lr``), else the current lr; a tensor lr's
-    value, not the tensor (which the scheduler goes on changing)."""
+    value, not the tensor (which the scheduler goes on changing). ``None`` for an lr of ``None`` (relative steps)."""
     for key in ("max_lr", "initial_lr", "lr"):
-        if key in group:
+        if group.get(key) is not None:
             return _host_float(group[key])
-    raise KeyError("lr")
+    return None
 
 
 def _warn_if_assumed(optimizer: Optimizer, registered_as: type | None) -> None:

@@ -5,10 +5,11 @@ from lightning_wd.optimizers.registry import (
     RULES,
     UNKNOWN,
     OptimizerRule,
+    always,
     group_lr,
     register_optimizer,
     registered,
     rule_for,
 )
 
-__all__ = ["RULES", "UNKNOWN", "OptimizerRule", "group_lr", "register_optimizer", "registered", "rule_for"]
+__all__ = ["RULES", "UNKNOWN", "OptimizerRule", "always", "group_lr", "register_optimizer", "registered", "rule_for"]

@@ -27,11 +27,15 @@ Scalar = Union[float, Tensor]
 Group = Mapping[str, Any]
 
 #: the rules a ``mode`` of lightning_wd can ask for
-RULES: tuple[str, ...] = ("decoupled", "coupled", "independent")
+RULES: tuple[str, ...] = ("decoupled", "coupled", "independent", "corrected")
+
+GroupTest = Callable[[Group], bool]
+Refusal = Callable[[Optimizer, Group, str], Union[str, None]]
 
 __all__ = [
     "OptimizerRule",
     "UNKNOWN",
+    "always",
     "group_lr",
     "register_optimizer",
     "registered",
@@ -44,45 +48,61 @@ def group_lr(optimizer: Optimizer, group: Group) -> Scalar:
     return group["lr"]
 
 
+def always(reason: str) -> Refusal:
+    """A refusal that holds for every group and rule."""
+    return lambda optimizer, group, rule: reason
+
+
 @dataclass(frozen=True)
 class OptimizerRule:
     """How one optimizer class applies its param groups' ``weight_decay``.
 
     Args:
         own: the rule its own ``weight_decay`` implements for a group as configured: ``"coupled"`` (``g += wd*p``
-            before the update), ``"decoupled"`` (``p *= 1 - step_size*wd`` before the update), ``"independent"``,
-            or ``None`` for none of these (a rule of its own, or no ``weight_decay`` at all). A callable gets the
-            param group and returns one of these, for optimizers whose switches live in the group.
+            before the update), ``"decoupled"`` (a decay of the weights outside the gradient, scaled by its step
+            size), ``"independent"`` or ``"corrected"`` (against its own reference lr, see ``reference_lr``), or
+            ``None`` for none of these (a rule of its own, or no ``weight_decay`` at all). A callable gets the param
+            group and returns one of these, for optimizers whose switches live in the group.
         switches: for each rule the group settings under which its own decay is that rule, e.g.
             ``{"decoupled": {"decoupled_weight_decay": True}, "coupled": {"decoupled_weight_decay": False}}``. The
             engine sets them for the duration of a step (native handoff) and puts the user's values back after it.
         step_size: what its decoupled decay multiplies ``wd`` by (``group["lr"]``; ``d * lr`` for Prodigy), as a
-            function of the optimizer and the group; the generic decoupled pass uses it. ``None``: not knowable
-            before the step (the generic decoupled pass is refused).
-        independent_native: whether ``weight_decay = wd / lr_max`` under the ``"decoupled"`` settings gives
-            ``mode="independent"`` (true where the step size is the group's lr).
-        refuse: a function ``(optimizer, group, rule) -> reason or None``: why the engine cannot give a group the
-            ``rule`` at all (e.g. ``weight_decay`` also switches a trust ratio on); checked at attach and per step.
-        generic_refusal: why the generic pass (``weight_decay`` set to 0 for the step, the decay applied by
-            lightning_wd) would change the training beyond the decay; ``None`` where it only removes the decay.
+            function of the optimizer and the group; the generic pass uses it. ``None``: not knowable before the
+            step (a relative, per-parameter step size): the generic decoupled pass is refused.
+        exact_generic: whether the generic pass (``weight_decay`` set to 0 for the step, ``p *= 1 - step_size*wd``
+            or ``g += wd*p`` applied before it) reproduces its own decay: the same rule at the same point, up to
+            rounding. ``False`` where its own decay sits elsewhere (after the update, between computations that
+            read ``p``): where it must be given its own rule but the generic pass is needed (exclusions, cautious
+            decay, ``native=False``), the engine refuses. A callable gets the group.
+        reference_lr: the reference lr its own ``"independent"``/``"corrected"`` decay divides by (optimi's
+            ``max_lr``, timm's ``max_lr_snapshot``), as a function of the optimizer and the group; it is the
+            default ``lr_max`` of those modes, and native handoff needs the two to agree.
+        refuse: ``(optimizer, group, rule) -> reason or None``: why no path can give the group ``rule`` (LBFGS).
+        generic_refusal: ``(optimizer, group, rule) -> reason or None``: what else ``weight_decay`` does in it, or
+            what breaks, when the generic pass is used (a trust ratio switched on by ``weight_decay != 0``; an
+            in-place decay before a Hessian-vector product); native handoff stays allowed.
         update_direction: for cautious decay, a function ``(optimizer, group, param, grad) -> direction`` where
             ``direction(start, stop)`` gives this step's update direction (its sign is what matters) for the
             flattened elements ``[start, stop)``, computed before the step from the state and the gradient; ``None``
-            where the sign of the update cannot be known before the step (cautious decay is then refused).
+            (or a ``None`` result) where the sign of the update cannot be known before the step.
         description: its own rule in words, for the compatibility table and messages.
     """
 
     own: str | None | Callable[[Group], str | None] = None
     switches: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     step_size: Callable[[Optimizer, Group], Scalar] | None = group_lr
-    independent_native: bool = True
-    refuse: Callable[[Optimizer, Group, str], str | None] | None = None
-    generic_refusal: str | None = None
-    update_direction: Callable[[Optimizer, Group, Tensor, Tensor], Callable[[int, int], Tensor]] | None = None
+    exact_generic: bool | GroupTest = True
+    reference_lr: Callable[[Optimizer, Group], float | None] | None = None
+    refuse: Refusal | None = None
+    generic_refusal: Refusal | None = None
+    update_direction: Callable[[Optimizer, Group, Tensor, Tensor], Callable[[int, int], Tensor] | None] | None = None
     description: str = ""
 
     def own_rule(self, group: Group) -> str | None:
         return self.own(group) if callable(self.own) else self.own
+
+    def generic_is_exact(self, group: Group) -> bool:
+        return self.exact_generic(group) if callable(self.exact_generic) else self.exact_generic
 
 
 #: the rule assumed for a class nobody registered: its ``weight_decay`` only adds a decay, its step size is ``lr``

@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_wd.decay import local_tensor
-from lightning_wd.optimizers.registry import Group, OptimizerRule, Scalar, register_optimizer
+from lightning_wd.optimizers.registry import Group, OptimizerRule, Scalar, always, register_optimizer
 
 Direction = Callable[[int, int], Tensor]
 
@@ -86,10 +86,6 @@ def _rmsprop_direction(optimizer: Optimizer, group: Group, param: Tensor, grad: 
     return gradient_direction(optimizer, group, param, grad) if group["momentum"] == 0 else None
 
 
-def _never(reason: str):
-    return lambda optimizer, group, rule: reason
-
-
 def _sparse_adam(optimizer: Optimizer, group: Group, rule: str) -> str | None:
     if rule == "coupled":
         return (
@@ -114,8 +110,9 @@ DECOUPLED = "`p *= 1 - lr*wd` before the update"
 register_optimizer("torch.optim.SGD", OptimizerRule(own="coupled", update_direction=sgd_direction, description=L2))
 register_optimizer("torch.optim.Adamax", OptimizerRule(own="coupled", update_direction=adam_direction,
                                                        description=L2))
-register_optimizer("torch.optim.ASGD", OptimizerRule(own="coupled", update_direction=gradient_direction,
-                                                     description=L2))
+register_optimizer("torch.optim.ASGD", OptimizerRule(
+    own="coupled", update_direction=gradient_direction,
+    description=f"{L2}; its own `p *= 1 - lambd*eta` (lambd=1e-4) is not weight_decay and stays"))
 register_optimizer(
     "torch.optim.RMSprop",
     OptimizerRule(own="coupled", update_direction=_rmsprop_direction,
@@ -150,8 +147,9 @@ register_optimizer(
     "torch.optim.Adafactor",
     OptimizerRule(
         own="decoupled",
+        exact_generic=False,  # it measures RMS(p) for its step size before its own decay
         update_direction=gradient_direction,
-        description=f"{DECOUPLED}, after measuring RMS(p) for its step size (the generic pass decays first)",
+        description="`p *= 1 - lr*wd` after measuring RMS(p) for its step size, before the update",
     ),
 )
 register_optimizer("torch.optim.Muon", OptimizerRule(own="decoupled", description=DECOUPLED))
@@ -163,7 +161,7 @@ register_optimizer(
     "torch.optim.LBFGS",
     OptimizerRule(
         own=None,
-        refuse=_never(
+        refuse=always(
             "LBFGS evaluates its closure several times per step, so a decay applied after the closure would be"
             " applied once per evaluation. Put an L2 term into the loss instead."
         ),
