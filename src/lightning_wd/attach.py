@@ -267,10 +267,14 @@ class AttachedWeightDecay:
         wd = self.current_weight_decay(group) if wd is None else wd
         if self.mode == "coupled" or group.get("lr") is None:
             return None  # coupled multiplies nothing; a relative step size (lr None) is not known outside the step
-        if self.rule.step_size is None and self.mode != "independent":
+        step_size = self._step_size(group)
+        if step_size is None and self.mode != "independent":
             return None
-        step_size = self.rule.step_size(self.optimizer, group) if self.rule.step_size is not None else None
         return per_step_decay(self.mode, group["lr"], wd, group.get(LR_MAX_KEY), step_size)
+
+    def _step_size(self, group: dict[str, Any]) -> Any:
+        """What the optimizer's own decoupled decay multiplies ``wd`` by, or ``None`` where it is not known."""
+        return self.rule.step_size(self.optimizer, group) if self.rule.step_size is not None else None
 
     def _native_settings(self, group: dict[str, Any], wd: Any) -> dict[str, Any] | None:
         """The group settings under which the optimizer's own decay is this step's decay ``wd`` in ``self.mode``,
@@ -281,7 +285,7 @@ class AttachedWeightDecay:
         if has_special or (self.stochastic_rounding and dtypes & set(LOW_PRECISION)):
             return None  # the optimizer's decay is per group; exclusions and rounding need the per-parameter pass
         rule = self.rule
-        own = rule.own_rule(group)
+        own = rule.own_rule(self.optimizer, group)
         changed = {} if wd == group.get("weight_decay") else {"weight_decay": wd}  # a scheduled value
         same_reference = self.mode not in WITH_LR_MAX or self._own_lr_max(group) == group.get(LR_MAX_KEY)
         if own == self.mode and same_reference:
@@ -289,9 +293,10 @@ class AttachedWeightDecay:
         switched = rule.switches.get(self.mode)
         if switched is not None and all(k in group for k in switched) and same_reference:
             return {**switched, **changed}
-        if self.mode in WITH_LR_MAX and rule.step_size is group_lr and rule.generic_is_exact(group):
-            # its own decoupled decay `lr * c`, handed `c = x / lr` (independent: wd / lr_max; corrected:
-            # wd * lr / lr_max), is this mode's decay `x`; a tensor lr would make `c` a tensor: generic pass
+        if self.mode in WITH_LR_MAX and rule.step_size is group_lr:
+            # its own decoupled decay `lr * c` (in its own form and place), handed `c = x / lr` (independent:
+            # wd / lr_max; corrected: wd * lr / lr_max), is this mode's decay `x`; a tensor lr would make `c` a
+            # tensor: generic pass
             base = {} if own == "decoupled" else rule.switches.get("decoupled")
             if base is None or not all(k in group for k in base) or group.get(LR_MAX_KEY) is None:
                 return None
@@ -329,7 +334,7 @@ class AttachedWeightDecay:
             return settings, None
         # the generic pass: weight_decay set to 0 for the step, the decay applied by lightning_wd before it
         why = self._why_generic()
-        if rule.own_rule(group) == mode and not rule.generic_is_exact(group):
+        if rule.own_rule(self.optimizer, group) == mode and not rule.generic_is_exact(group):
             return None, (
                 f"{name}'s own {mode} decay ({rule.description}) happens where lightning_wd's separate pass, needed"
                 f" for {why}, cannot reproduce it. Give the parameters to exclude a param group with"
@@ -339,7 +344,7 @@ class AttachedWeightDecay:
             reason = rule.generic_refusal(self.optimizer, group, mode)
             if reason is not None:
                 return None, f"mode={mode!r} needs lightning_wd's separate pass for {why}, but {reason}"
-        if mode != "coupled" and rule.step_size is None:
+        if mode in ("decoupled", "corrected") and self._step_size(group) is None:
             return None, (
                 f"{name}'s step size is relative (set per parameter inside its step), so a decay that follows it"
                 " cannot be applied outside the step. Give it an lr (e.g. relative_step=False), or use"
@@ -507,8 +512,7 @@ class AttachedWeightDecay:
             return [(params, x)]
         plain = [p for p in params if id(p) in self._uncorrected]
         corrected = [p for p in params if id(p) not in self._uncorrected]
-        step_size = self.rule.step_size(self.optimizer, group) if self.rule.step_size is not None else group["lr"]
-        return [(corrected, x), (plain, per_step_decay("decoupled", group["lr"], wd, None, step_size))]
+        return [(corrected, x), (plain, per_step_decay("decoupled", group["lr"], wd, None, self._step_size(group)))]
 
     def _apply_cautious(self, group: dict[str, Any], params: list[Tensor], wd: Any, found_inf: Any,
                         grad_scale: Any) -> None:

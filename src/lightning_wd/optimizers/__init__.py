@@ -1,6 +1,20 @@
-"""The per-optimizer registry: one entry per optimizer class, in one module per family of optimizers."""
+"""The per-optimizer registry: one entry per optimizer class, in one module per family of optimizers.
 
-from lightning_wd.optimizers import torch_optim  # noqa: F401  (registers torch.optim's optimizers)
+The family modules only register import paths (no optimizer package is imported); :func:`rule_for` finds the entry
+of an optimizer's class. See :mod:`lightning_wd.optimizers.registry` for what an entry says.
+"""
+
+from lightning_wd.optimizers import (  # noqa: F401  (each registers its family's optimizers)
+    adaptive_lr,
+    heavyball,
+    low_bit,
+    optimi,
+    pytorch_optimizer,
+    schedulefree,
+    timm,
+    torch_optim,
+    transformers,
+)
 from lightning_wd.optimizers.registry import (
     RULES,
     UNKNOWN,
@@ -10,6 +24,17 @@ from lightning_wd.optimizers.registry import (
     register_optimizer,
     registered,
     rule_for,
+    switch,
 )
 
-__all__ = ["RULES", "UNKNOWN", "OptimizerRule", "always", "group_lr", "register_optimizer", "registered", "rule_for"]
+__all__ = [
+    "RULES",
+    "UNKNOWN",
+    "OptimizerRule",
+    "always",
+    "group_lr",
+    "register_optimizer",
+    "registered",
+    "rule_for",
+    "switch",
+]

@@ -37,6 +37,7 @@ __all__ = [
     "UNKNOWN",
     "always",
     "group_lr",
+    "switch",
     "register_optimizer",
     "registered",
     "rule_for",
@@ -61,14 +62,14 @@ class OptimizerRule:
         own: the rule its own ``weight_decay`` implements for a group as configured: ``"coupled"`` (``g += wd*p``
             before the update), ``"decoupled"`` (a decay of the weights outside the gradient, scaled by its step
             size), ``"independent"`` or ``"corrected"`` (against its own reference lr, see ``reference_lr``), or
-            ``None`` for none of these (a rule of its own, or no ``weight_decay`` at all). A callable gets the param
-            group and returns one of these, for optimizers whose switches live in the group.
+            ``None`` for none of these (a rule of its own, or no ``weight_decay`` at all). A callable gets the
+            optimizer and the param group and returns one of these, for optimizers with switches.
         switches: for each rule the group settings under which its own decay is that rule, e.g.
             ``{"decoupled": {"decoupled_weight_decay": True}, "coupled": {"decoupled_weight_decay": False}}``. The
             engine sets them for the duration of a step (native handoff) and puts the user's values back after it.
         step_size: what its decoupled decay multiplies ``wd`` by (``group["lr"]``; ``d * lr`` for Prodigy), as a
-            function of the optimizer and the group; the generic pass uses it. ``None``: not knowable before the
-            step (a relative, per-parameter step size): the generic decoupled pass is refused.
+            function of the optimizer and the group; the generic pass uses it. ``None`` (or a ``None`` result): not
+            knowable before the step (a relative, per-parameter step size): the generic decoupled pass is refused.
         exact_generic: whether the generic pass (``weight_decay`` set to 0 for the step, ``p *= 1 - step_size*wd``
             or ``g += wd*p`` applied before it) reproduces its own decay: the same rule at the same point, up to
             rounding. ``False`` where its own decay sits elsewhere (after the update, between computations that
@@ -88,7 +89,7 @@ class OptimizerRule:
         description: its own rule in words, for the compatibility table and messages.
     """
 
-    own: str | None | Callable[[Group], str | None] = None
+    own: str | None | Callable[[Optimizer, Group], str | None] = None
     switches: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     step_size: Callable[[Optimizer, Group], Scalar] | None = group_lr
     exact_generic: bool | GroupTest = True
@@ -98,8 +99,8 @@ class OptimizerRule:
     update_direction: Callable[[Optimizer, Group, Tensor, Tensor], Callable[[int, int], Tensor] | None] | None = None
     description: str = ""
 
-    def own_rule(self, group: Group) -> str | None:
-        return self.own(group) if callable(self.own) else self.own
+    def own_rule(self, optimizer: Optimizer, group: Group) -> str | None:
+        return self.own(optimizer, group) if callable(self.own) else self.own
 
     def generic_is_exact(self, group: Group) -> bool:
         return self.exact_generic(group) if callable(self.exact_generic) else self.exact_generic
@@ -142,14 +143,26 @@ def _resolve() -> None:
 
 def rule_for(optimizer: Optimizer | type) -> tuple[OptimizerRule, type | None]:
     """The rule of ``optimizer``'s class, and the class it was registered under (a base class for a subclass;
-    ``None`` when nothing is registered and :data:`UNKNOWN` is returned)."""
-    _resolve()
+    ``None`` when nothing is registered and :data:`UNKNOWN` is returned).
+
+    A class matches an entry registered as a class, or under its defining ``module.qualname`` (no import needed);
+    other import paths (a package's public re-export) are resolved by importing them once their package is.
+    """
     cls = optimizer if isinstance(optimizer, type) else type(optimizer)
-    for klass in cls.__mro__:
-        rule = _BY_CLASS.get(klass)
-        if rule is not None:
-            return rule, klass
+    for attempt in range(2):
+        for klass in cls.__mro__:
+            rule = _BY_CLASS.get(klass) or _BY_PATH.get(f"{klass.__module__}.{klass.__qualname__}")
+            if rule is not None:
+                return rule, klass
+        if attempt == 0:
+            _resolve()
     return UNKNOWN, None
+
+
+def switch(key: str, when_true: str | None, when_false: str | None, default: bool = False
+           ) -> Callable[[Optimizer, Group], str | None]:
+    """An ``own`` rule chosen by one boolean group key (missing: ``default``)."""
+    return lambda optimizer, group: when_true if group.get(key, default) else when_false
 
 
 def registered() -> dict[str, OptimizerRule]:

@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_wd.decay import local_tensor
+from lightning_wd.optimizers.directions import Direction, adam_direction, gradient_direction, sgd_direction
 from lightning_wd.optimizers.registry import Group, OptimizerRule, Scalar, always, register_optimizer
-
-Direction = Callable[[int, int], Tensor]
 
 # torch's Adam, AdamW, NAdam and RAdam keep the switch in each param group: `decoupled_weight_decay`
 _FLAG = "decoupled_weight_decay"
 _FLAGGED = {"decoupled": {_FLAG: True}, "coupled": {_FLAG: False}}
 
 
-def _flagged_rule(group: Group) -> str:
+def _flagged_rule(optimizer: Optimizer, group: Group) -> str:
     return "decoupled" if group.get(_FLAG, False) else "coupled"
 
 
-def _adamw_rule(group: Group) -> str:
+def _adamw_rule(optimizer: Optimizer, group: Group) -> str:
     return "decoupled" if group.get(_FLAG, True) else "coupled"  # AdamW before the flag existed: always decoupled
 
 
@@ -37,49 +32,6 @@ def _adagrad_step_size(optimizer: Optimizer, group: Group) -> Scalar:
         return lr
     step: float | Tensor = optimizer.state[group["params"][0]]["step"]
     return lr / (1 + step * lr_decay)
-
-
-# --- the sign of this step's update, before the step (cautious decay) ------------------------------------------------
-def _flat_grad(group: Group, grad: Tensor) -> Tensor:
-    g = local_tensor(grad).view(-1)
-    return g.neg() if group.get("maximize", False) else g  # a maximizing optimizer steps along +g
-
-
-def gradient_direction(optimizer: Optimizer, group: Group, param: Tensor, grad: Tensor) -> Direction:
-    """Optimizers that divide the gradient by a positive denominator (Adagrad, Adafactor, RMSprop without momentum):
-    the update has the gradient's sign."""
-    g = _flat_grad(group, grad)
-    return lambda start, stop: g[start:stop].clone()
-
-
-def adam_direction(optimizer: Optimizer, group: Group, param: Tensor, grad: Tensor) -> Direction:
-    """Adam, AdamW, RAdam, Adamax: the update has the sign of this step's first moment ``lerp(m, g, 1 - beta1)``,
-    computed as torch's Adam computes it (``m = 0`` before the first step)."""
-    g = _flat_grad(group, grad)
-    m = optimizer.state.get(param, {}).get("exp_avg")
-    if m is None:
-        return lambda start, stop: g[start:stop].clone()
-    m = local_tensor(m).view(-1)
-    weight = 1 - group["betas"][0]
-    return lambda start, stop: torch.lerp(m[start:stop], g[start:stop], weight)
-
-
-def sgd_direction(optimizer: Optimizer, group: Group, param: Tensor, grad: Tensor) -> Direction:
-    """SGD: the gradient, or with momentum the new buffer ``mu * buf + (1 - dampening) * g`` (Nesterov: ``g + mu *
-    buf``), as torch's SGD computes them (the buffer is ``g`` at the first step)."""
-    g = _flat_grad(group, grad)
-    mu, dampening, nesterov = group["momentum"], group["dampening"], group["nesterov"]
-    if mu == 0:
-        return lambda start, stop: g[start:stop].clone()
-    buf = optimizer.state.get(param, {}).get("momentum_buffer")
-    buf = local_tensor(buf).view(-1) if buf is not None else None
-
-    def direction(start: int, stop: int) -> Tensor:
-        gc = g[start:stop]
-        new = gc.clone() if buf is None else buf[start:stop].mul(mu).add_(gc, alpha=1 - dampening)
-        return gc.add(new, alpha=mu) if nesterov else new
-
-    return direction
 
 
 def _rmsprop_direction(optimizer: Optimizer, group: Group, param: Tensor, grad: Tensor) -> Direction | None:
