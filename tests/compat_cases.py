@@ -157,8 +157,7 @@ CASES: list[Case] = [
     Case("torch Adadelta", "torch", opt("torch.optim.Adadelta"), L2_NATIVE, lr=1.0),
     Case("torch Adafactor", "torch", opt("torch.optim.Adafactor"),
          {"decoupled": native(), "coupled": adapted(), "independent": native(scaled=True),
-          "corrected": native(scaled=True)},
-         note="the generic pass is refused for exclusions (it measures RMS(p) before its own decay)"),
+          "corrected": native(scaled=True)}),
     Case("torch Muon", "torch", lambda m, wd, lr: cls("torch.optim.Muon")(
         [p for p in m.parameters() if p.ndim == 2], lr=lr, weight_decay=wd),
          _decoupled_default("torch.optim.Muon", None)),
@@ -188,8 +187,7 @@ CASES: list[Case] = [
           "corrected": native(scaled=True)}),
     Case("pytorch_optimizer Adan", "pytorch_optimizer", opt(_po("Adan")),
          {"decoupled": native(), "coupled": adapted(), "independent": native(scaled=True),
-          "corrected": native(scaled=True)},
-         note="its own decay is proximal, after the update"),
+          "corrected": native(scaled=True)}),
     Case("pytorch_optimizer MADGRAD", "pytorch_optimizer", opt(_po("MADGRAD")),
          {"coupled": native(), "decoupled": native(opt(_po("MADGRAD"), weight_decouple=True)),
           "independent": native(opt(_po("MADGRAD"), weight_decouple=True), scaled=True),
@@ -210,8 +208,7 @@ CASES: list[Case] = [
           "independent": adapted(), "corrected": adapted(d_lr)}, lr=1.0),
     Case("pytorch_optimizer AdaFactor", "pytorch_optimizer", opt(_po("AdaFactor")),
          {"decoupled": native(), "coupled": native(opt(_po("AdaFactor"), weight_decouple=False)),
-          "independent": adapted(), "corrected": refused("step size is relative")},
-         note="relative step by default"),
+          "independent": adapted(), "corrected": refused("step size is relative")}),
     Case("pytorch_optimizer ScheduleFreeAdamW", "pytorch_optimizer", opt(_po("ScheduleFreeAdamW")),
          {"decoupled": native(), "coupled": adapted(), "independent": native(scaled=True),
           "corrected": native(scaled=True)}),
@@ -312,12 +309,11 @@ CASES: list[Case] = [
           "corrected": native(scaled=True)}),
     Case("bitsandbytes Adam8bit", "bitsandbytes", opt("bitsandbytes.optim.Adam8bit", min_8bit_size=1),
          {"decoupled": native(), "coupled": adapted(), "independent": native(scaled=True),
-          "corrected": native(scaled=True)}, note="decoupled, like AdamW8bit: the same kernel"),
+          "corrected": native(scaled=True)}),
     # torchao (runs on CPU through torch.compile)
     Case("torchao _AdamW", "torchao.optim", opt("torchao.optim._AdamW"),
          {"decoupled": native(), "coupled": adapted(), "independent": native(scaled=True),
-          "corrected": native(scaled=True, exact=False)},
-         note="compiles a graph per weight_decay value: a corrected decay or a schedule recompiles every step"),
+          "corrected": native(scaled=True, exact=False)}),
 ]
 
 
