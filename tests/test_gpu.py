@@ -16,7 +16,7 @@ from lightning_wd.decay import decay_weights_
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def loop(make_opt, mode=None, native=True, steps=10, scaler=None, inf_at=()):
+def loop(make_opt, mode=None, native=True, steps=10, scaler=None, inf_at=(), before_step=None):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).cuda()
     opt = make_opt(model.parameters())
@@ -30,6 +30,9 @@ def loop(make_opt, mode=None, native=True, steps=10, scaler=None, inf_at=()):
             loss = model(x).float().pow(2).mean() * (float("inf") if i in inf_at else 1.0)
         if scaler is None:
             loss.backward()
+            if before_step is not None:
+                with torch.no_grad():
+                    before_step(model)
             opt.step()
         else:
             scaler.scale(loss).backward()
@@ -168,3 +171,34 @@ def test_cuda_monitor_partials_match_the_cpu_and_do_not_sync(impl, amsgrad):
         cpu = el.partial_stats(torch.div(v, bc2).cpu(), group["eps"])
         assert torch.equal(gpu[[0, 1, 3]], cpu[[0, 1, 3]]) and torch.equal(gpu[4:], cpu[4:])
         torch.testing.assert_close(gpu[2], cpu[2])  # a sum in another order
+
+
+LOW_BIT = {
+    # name: (package, factory of the optimizer with its own decoupled decay)
+    "bitsandbytes AdamW8bit": ("bitsandbytes", lambda p, wd: __import__("bitsandbytes").optim.AdamW8bit(
+        p, lr=0.01, weight_decay=wd, min_8bit_size=1)),
+    "bitsandbytes PagedAdamW8bit": ("bitsandbytes", lambda p, wd: __import__("bitsandbytes").optim.PagedAdamW8bit(
+        p, lr=0.01, weight_decay=wd, min_8bit_size=1)),
+    "torchao AdamW8bit": ("torchao.optim", lambda p, wd: __import__("torchao.optim").optim.AdamW8bit(
+        p, lr=0.01, weight_decay=wd, block_size=64)),
+    "torchao AdamW4bit": ("torchao.optim", lambda p, wd: __import__("torchao.optim").optim.AdamW4bit(
+        p, lr=0.01, weight_decay=wd, block_size=64)),
+}
+
+
+@pytest.mark.parametrize("name", list(LOW_BIT))
+def test_cuda_low_bit_optimizers_decoupled_native_and_coupled_adapted(name):
+    """The CUDA kernels of the 8-bit/4-bit optimizers: decoupled mode hands them their own decay (the result is the
+    optimizer alone); coupled mode adds L2 before their step (the result is a hand-written L2 loop)."""
+    package, make = LOW_BIT[name]
+    pytest.importorskip(package)
+    ours = loop(lambda p: make(p, 0.1), "decoupled")
+    assert torch.equal(ours, loop(lambda p: make(p, 0.1)))
+    coupled = loop(lambda p: make(p, 0.1), "coupled")
+
+    def l2(model):
+        for p in model.parameters():
+            p.grad.add_(p, alpha=0.1)
+
+    assert torch.equal(coupled, loop(lambda p: make(p, 0.0), before_step=l2))
+    assert not torch.equal(coupled, ours)
