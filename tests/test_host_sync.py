@@ -71,6 +71,10 @@ CONFIGS = {
     "cautious": (adam(), dict(cautious=True)),
     "independent, tensor lr": (adam(torch.tensor(1e-2)), dict(mode="independent", native=False)),
     "excluded biases, logging on": (adam(), dict(exclude=["*.bias"], log_weight_decay=True)),
+    "tensor weight_decay, coupled (native)": (
+        lambda m: SGD(m.parameters(), lr=1e-2, weight_decay=torch.tensor(0.1)), dict(mode="coupled")),
+    "tensor weight_decay, decoupled (generic)": (
+        lambda m: SGD(m.parameters(), lr=1e-2, weight_decay=torch.tensor(0.1)), dict()),
 }
 
 
@@ -78,7 +82,9 @@ CONFIGS = {
 def test_weight_decay_adds_no_host_read_on_a_step(name):
     make_opt, kwargs = CONFIGS[name]
     reference = host_reads(make_opt, [])
-    assert host_reads(make_opt, [WeightDecay(**kwargs)]) == reference
+    # no more than the optimizer alone (fewer where the step takes the decay over from an optimizer that reads its
+    # own tensor weight_decay on the host: SGD's `weight_decay != 0`)
+    assert host_reads(make_opt, [WeightDecay(**kwargs)]) <= reference
 
 
 def test_the_monitor_adds_no_host_read_on_a_non_logging_step(tmp_path):

@@ -286,7 +286,9 @@ class AttachedWeightDecay:
             return None  # the optimizer's decay is per group; exclusions and rounding need the per-parameter pass
         rule = self.rule
         own = rule.own_rule(self.optimizer, group)
-        changed = {} if wd == group.get("weight_decay") else {"weight_decay": wd}  # a scheduled value
+        own_wd = group.get("weight_decay")
+        same = wd is own_wd or not isinstance(wd, Tensor) and not isinstance(own_wd, Tensor) and wd == own_wd
+        changed = {} if same else {"weight_decay": wd}  # a scheduled value (a tensor is compared by identity: no sync)
         same_reference = self.mode not in WITH_LR_MAX or self._own_lr_max(group) == group.get(LR_MAX_KEY)
         if own == self.mode and same_reference:
             return changed
