@@ -13,7 +13,8 @@ scale (a normalization layer follows it) gets gradients orthogonal to it, of siz
 norm by the update's squared size (a random walk: successive updates uncorrelated and orthogonal to
 :math:`\omega`), and the decay shrinks it by :math:`2x\|\omega\|^2` (:math:`p \leftarrow (1 - x)\,p`). The
 norm settles where the two balance, :math:`2x\|\omega\|^2 = \mathbb E\|\Delta\omega\|^2`. Per neuron (one output row
-of ``C`` inputs), for the optimizers the paper covers:
+of ``C`` inputs), this balance gives for the optimizers the paper covers (AdamW's is the paper's headline form; the
+rows of AdamW, Adam + L2 and SGDM are checked against training runs in ``tests/test_weight_norm.py``, Lion's is not):
 
 ============================  =========================================================  ==============================
 optimizer and decay           equilibrium norm of one neuron                             function
