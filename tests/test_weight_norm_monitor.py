@@ -15,6 +15,8 @@ from lightning.pytorch.loggers import Logger
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_wd import EffectiveLRMonitor, WeightDecay, WeightNormMonitor
+from lightning_wd.weight_norm import squared_norms
+from lightning_wd.weight_norm_monitor import sum_over_shards_
 
 LR, WD, CLIP = 1e-2, 0.1, 0.05  # CLIP is below the gradient norm of every step here: clipping changes the gradient
 
@@ -161,6 +163,9 @@ CONFIGS: dict[str, tuple[Any, Any, Any, Any]] = {
                     lambda lr: ("shrink", lr * WD), lambda lr, x, w, g: adamw_eq(lr, x, w)),
     "rmsprop": (lambda m: torch.optim.RMSprop(m.parameters(), lr=LR, weight_decay=WD), list,
                 lambda lr: ("l2", WD), None),
+    # a tensor lr (read with the norms, at the end of the batch, not in the step) in AdamW's own decay
+    "tensor_lr": (lambda m: torch.optim.AdamW(m.parameters(), lr=torch.tensor(LR), weight_decay=WD, foreach=False),
+                  list, lambda lr: ("shrink", lr * WD), lambda lr, x, w, g: adamw_eq(lr, x, w)),
 }
 STEPS, EVERY = 6, 2
 
@@ -260,8 +265,8 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def counted_fit(monkeypatch, callbacks: list) -> tuple[dict[str, int], int]:
-    """The ops dispatched and the ``Tensor.tolist`` calls of a whole fit (6 steps, AdamW with a WeightDecay)."""
+def counted_fit(monkeypatch, callbacks: list, lr: Any = LR) -> tuple[dict[str, int], int]:
+    """The ops dispatched and the ``Tensor.tolist`` calls of a whole fit (6 steps, Adam with a WeightDecay)."""
     calls = {"tolist": 0}
     real = torch.Tensor.tolist
 
@@ -273,20 +278,25 @@ def counted_fit(monkeypatch, callbacks: list) -> tuple[dict[str, int], int]:
     with monkeypatch.context() as m:
         m.setattr(torch.Tensor, "tolist", tolist)
         with counter:
-            run([*callbacks, WeightDecay()], lambda mod: torch.optim.Adam(mod.parameters(), lr=LR, weight_decay=WD),
+            run([*callbacks, WeightDecay()], lambda mod: torch.optim.Adam(
+                mod.parameters(), lr=lr() if callable(lr) else lr, weight_decay=WD, foreach=not callable(lr)),
                 gradient_clip_val=CLIP)
     return dict(counter.counts), calls["tolist"]
 
 
-def test_no_host_read_off_logging_steps_and_one_transfer_on_them(monkeypatch):
+@pytest.mark.parametrize("lr", [LR, lambda: torch.tensor(LR)], ids=["float_lr", "tensor_lr"])
+def test_no_host_read_off_logging_steps_and_one_transfer_on_them(monkeypatch, lr):
     """Against the same fit without the monitor: never logging, it adds no op at all; logging at every step, it adds
-    no ``.item()``, two ``_foreach_norm`` (before and after the step) and one ``tolist()`` per step."""
-    base, base_tolist = counted_fit(monkeypatch, [])
-    silent, silent_tolist = counted_fit(monkeypatch, [WeightNormMonitor(log_every_n_steps=1000)])
+    no ``.item()``, two ``_foreach_norm`` (before and after the step) and one ``tolist()`` per step. A tensor lr is
+    read in that transfer too (on a GPU it may live on the CPU: one ``tolist()`` per device)."""
+    base, base_tolist = counted_fit(monkeypatch, [], lr)
+    silent, silent_tolist = counted_fit(monkeypatch, [WeightNormMonitor(log_every_n_steps=1000)], lr)
     assert silent == base and silent_tolist == base_tolist
-    logging, logging_tolist = counted_fit(monkeypatch, [WeightNormMonitor(log_every_n_steps=1)])
+    logging, logging_tolist = counted_fit(monkeypatch, [WeightNormMonitor(log_every_n_steps=1)], lr)
     assert base["_local_scalar_dense"] > 0  # Lightning's own reads are seen, so the count can see ours
     assert logging["_local_scalar_dense"] == base["_local_scalar_dense"]
+    # nor a tensor made from host data, which on CUDA is a host-to-device copy that synchronizes
+    assert logging.get("lift_fresh", 0) == base.get("lift_fresh", 0)
     assert logging.get("_foreach_norm", 0) - base.get("_foreach_norm", 0) == 2 * STEPS
     assert logging_tolist - base_tolist == STEPS
 
@@ -318,3 +328,46 @@ def test_logs_at_the_steps_of_effective_lr_monitor():
 def test_bad_log_every_n_steps_is_refused(value):
     with pytest.raises(ValueError, match="`log_every_n_steps` must be a positive int or None"):
         WeightNormMonitor(log_every_n_steps=value)
+
+
+def test_squared_norms_of_mixed_dtypes_make_no_tensor_from_host_data():
+    counter = CountOps()
+    with counter:
+        squared_norms([torch.randn(3), torch.randn(2, dtype=torch.float64), torch.randn(4).bfloat16(), torch.randn(5)])
+    assert counter.counts["_foreach_norm"] == 3 and not {"lift_fresh", "_local_scalar_dense"} & set(counter.counts)
+
+
+def test_sum_over_shards_sums_the_sharded_entries_only(monkeypatch):
+    """With a stand-in for a 2-rank all_reduce (each rank holding the same squares: the sum doubles them), the
+    entries of sharded parameters are summed over the mesh's shard dimension and those of whole ones left alone,
+    with one collective per process group, whether every entry is sharded or only some."""
+    import types
+
+    import torch.distributed as dist
+    from torch.distributed.tensor import Replicate, Shard
+
+    class Mesh:
+        def get_group(self, dim: int) -> str:
+            return f"group of mesh dim {dim}"
+
+    calls = []
+
+    def all_reduce(t, op=None, group=None):
+        calls.append((tuple(t.shape), op, group))
+        t.mul_(2)
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    sharded = types.SimpleNamespace(placements=(Replicate(), Shard(0)), device_mesh=Mesh())  # HSDP: dim 1 shards
+    whole = torch.zeros(3)
+    squares = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    sum_over_shards_(squares, [sharded, whole, sharded, whole])
+    assert squares.tolist() == [2.0, 2.0, 6.0, 4.0]
+    assert calls == [((2,), dist.ReduceOp.SUM, "group of mesh dim 1")]
+    calls.clear()
+    squares = torch.tensor([1.0, 3.0])
+    sum_over_shards_(squares, [sharded, sharded])
+    assert squares.tolist() == [2.0, 6.0] and calls == [((2,), dist.ReduceOp.SUM, "group of mesh dim 1")]
+    squares = torch.tensor([1.0, 3.0])
+    sum_over_shards_(squares, [whole, whole])  # DDP: nothing to sum
+    assert squares.tolist() == [1.0, 3.0] and len(calls) == 1

@@ -137,24 +137,25 @@ def squared_norms(tensors: Sequence[Tensor]) -> Tensor:
 
     One ``torch._foreach_norm`` per (device, dtype) (the batched kernel needs one of each); bf16/fp16 tensors are
     summed in float32. A ``DTensor`` contributes its local shard (possibly empty: 0); a sparse tensor its values.
+    The results are put back in order without an index tensor: making one from host data would be a host-to-device
+    copy, which synchronizes on CUDA.
     """
-    if not tensors:
-        return torch.zeros(0)
     locals_ = [_dense(local_tensor(t)) for t in tensors]
+    if not locals_:
+        return torch.zeros(0)
     buckets: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     for i, t in enumerate(locals_):
         buckets[(t.device, t.dtype)].append(i)
     device = locals_[0].device
-    parts, order = [], []
+    norms: list[Tensor] = [locals_[0]] * len(locals_)  # placeholders, all overwritten
     for (_, dtype), index in buckets.items():
         low = dtype in (torch.float16, torch.bfloat16)
-        norms = torch._foreach_norm([locals_[i] for i in index], 2, dtype=torch.float32 if low else None)
-        parts.append(torch.stack(norms).to(device=device, dtype=torch.float32))  # no-op unless another device/dtype
-        order += index
-    out = torch.cat(parts) if len(parts) > 1 else parts[0]
-    if len(parts) > 1:  # back into the order of `tensors`
-        out = torch.empty_like(out).index_copy_(0, torch.tensor(order, device=device), out)
-    return out.square_()
+        values = torch._foreach_norm([locals_[i] for i in index], 2, dtype=torch.float32 if low else None)
+        if len(buckets) == 1:
+            return torch.stack(values).float().square_()
+        for i, v in zip(index, values):
+            norms[i] = v.to(device=device, dtype=torch.float32)  # asynchronous for a device-to-device copy
+    return torch.stack(norms).square_()
 
 
 def _dense(t: Tensor) -> Tensor:

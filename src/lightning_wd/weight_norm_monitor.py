@@ -42,7 +42,9 @@ def sum_over_shards_(squares: Tensor, params: Sequence[Tensor]) -> None:
     ``squares[i]`` is a squared norm of the local shard of ``params[i]`` (a parameter may be listed more than once,
     for its weights and its gradient). Entries of whole (unsharded or replicated) parameters are left alone: summing
     them across ranks would count them once per rank. Every rank holds the same parameters in the same order, so
-    every rank makes the same collectives, one ``all_reduce`` per process group, also where its shard is empty.
+    every rank makes the same collectives, one ``all_reduce`` per process group, also where its shard is empty. The
+    rows are picked by integer indexing, not with an index tensor made from host data (a host-to-device copy, which
+    synchronizes on CUDA).
     """
     by_groups: dict[tuple[Any, ...], list[int]] = {}
     for i, p in enumerate(params):
@@ -50,11 +52,13 @@ def sum_over_shards_(squares: Tensor, params: Sequence[Tensor]) -> None:
         if groups:
             by_groups.setdefault(groups, []).append(i)
     for groups, rows in by_groups.items():
-        index = torch.tensor(rows, device=squares.device)
-        sub = squares.index_select(0, index)
+        whole = len(rows) == squares.numel()  # the usual FSDP2 case: every entry is sharded alike
+        sub = squares if whole else torch.stack([squares[i] for i in rows])
         for pg in groups:  # sharded over several mesh dimensions: summed over each in turn
             dist.all_reduce(sub, op=dist.ReduceOp.SUM, group=pg)
-        squares.index_copy_(0, index, sub)
+        if not whole:
+            for k, i in enumerate(rows):
+                squares[i] = sub[k]
 
 
 def is_logging_step(trainer: pl.Trainer, every: int | None) -> bool:
@@ -69,7 +73,8 @@ def is_logging_step(trainer: pl.Trainer, every: int | None) -> bool:
 
 
 class _Scalars:
-    """Numbers read in a step hook: host floats as they are, device tensors (a tensor lr) kept for the one transfer."""
+    """Numbers read in a step hook: host floats as they are; tensors (a tensor lr) kept, on their own device, for the
+    transfer at the end of the batch (moving a CPU tensor to the GPU would be a synchronizing copy)."""
 
     def __init__(self) -> None:
         self.tensors: list[Tensor] = []
@@ -79,6 +84,20 @@ class _Scalars:
             self.tensors.append(value.detach().reshape(()).float())
             return _Deferred(len(self.tensors) - 1)
         return value
+
+    def parts(self) -> list[Tensor]:
+        """The kept tensors as one stacked tensor per device, in the order of :meth:`order`."""
+        by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
+        for t in self.tensors:
+            by_device[t.device].append(t)
+        return [torch.stack(ts) for ts in by_device.values()]
+
+    def order(self) -> list[int]:
+        """The index of each kept tensor, in the order that the parts of :meth:`parts` hold them."""
+        by_device: dict[torch.device, list[int]] = defaultdict(list)
+        for i, t in enumerate(self.tensors):
+            by_device[t.device].append(i)
+        return [i for index in by_device.values() for i in index]
 
 
 @dataclass(frozen=True)
@@ -109,7 +128,7 @@ class _StepRecord:
     scalars: _Scalars
     with_grad: list[Tensor] = field(default_factory=list)
     before: Tensor | None = None  # squared norms: weights with a gradient, then their gradients
-    values: Tensor | None = None  # everything for the transfer: before, after (all weights), scalars
+    parts: list[Tensor] = field(default_factory=list)  # for the transfer: [before, after (all weights)], scalars
 
 
 class WeightNormMonitor(Callback):
@@ -248,13 +267,11 @@ class WeightNormMonitor(Callback):
         record = self._open.pop(key)
         with torch.no_grad():
             params = [p for g in record.groups for p in g.params]
-            before = record.before if record.before is not None else squared_norms([])
             after = squared_norms(params)
-            squares = torch.cat([before.to(after.device), after])
-            # one collective for the whole step; the deferred scalars are the same on every rank and are not summed
+            squares = torch.cat([record.before, after]) if record.before is not None else after
+            # one collective for the whole step; the kept scalars are the same on every rank and are not summed
             sum_over_shards_(squares, [*record.with_grad, *record.with_grad, *params])
-            scalars = [t.to(squares.device) for t in record.scalars.tensors]
-            record.values = torch.cat([squares, torch.stack(scalars)]) if scalars else squares
+            record.parts = [squares, *record.scalars.parts()]
         self._pending.append(record)
 
     @torch.no_grad()
@@ -306,32 +323,38 @@ class WeightNormMonitor(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if not self._pending:
             return
-        by_device: dict[torch.device, list[_StepRecord]] = defaultdict(list)
+        by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
         for record in self._pending:
-            by_device[record.values.device].append(record)
+            for part in record.parts:
+                by_device[part.device].append(part)
+        host: dict[int, list[float]] = {}  # id(part) -> its values
+        for parts in by_device.values():
+            values = torch.cat(parts).tolist()  # the one device-to-host transfer (per device)
+            start = 0
+            for part in parts:
+                host[id(part)] = values[start:start + part.numel()]
+                start += part.numel()
         total = trainer.estimated_stepping_batches
         with_timescale = not self._timescale_logged_elsewhere()
         metrics: dict[str, float] = {}
-        for records in by_device.values():
-            values = torch.cat([r.values for r in records]).tolist()  # the one device-to-host transfer
-            start = 0
-            for r in records:
-                n = r.values.numel()
-                metrics.update(self._metrics(r, values[start:start + n], total, with_timescale))
-                start += n
+        for record in self._pending:
+            squares, *scalar_parts = (host[id(part)] for part in record.parts)
+            scalars = [0.0] * len(record.scalars.tensors)
+            for i, v in zip(record.scalars.order(), (v for part in scalar_parts for v in part)):
+                scalars[i] = v
+            metrics.update(self._metrics(record, squares, scalars, total, with_timescale))
         self._pending.clear()
         if trainer.is_global_zero:
             step = trainer.fit_loop.epoch_loop._batches_that_stepped
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
 
-    def _metrics(self, record: _StepRecord, values: list[float], total: float, with_timescale: bool
-                 ) -> dict[str, float]:
+    def _metrics(self, record: _StepRecord, squares: list[float], scalars: list[float], total: float,
+                 with_timescale: bool) -> dict[str, float]:
         n_grad = len(record.with_grad)
-        w_before, g_sq = values[:n_grad], values[n_grad:2 * n_grad]
+        w_before, g_sq = squares[:n_grad], squares[n_grad:2 * n_grad]
         params = [p for g in record.groups for p in g.params]
-        after = dict(zip(map(id, params), values[2 * n_grad:2 * n_grad + len(params)]))
-        scalars = values[2 * n_grad + len(params):]
+        after = dict(zip(map(id, params), squares[2 * n_grad:]))
         before = {id(p): (w, g) for p, w, g in zip(record.with_grad, w_before, g_sq)}
 
         def value(x: Any) -> Any:
