@@ -338,6 +338,54 @@ def _monitor_run(inputs: dict, make_strategy) -> dict:
     return {"logged": logger.calls, "reference": reference.per_step}
 
 
+def _weight_norm_run(inputs: dict, make_strategy) -> dict:
+    """FSDP2 with WeightNormMonitor logging every step, beside the whole weights and gradients of each step, gathered
+    with ``full_tensor()`` (a collective that both ranks make), from which the test computes its reference; the
+    logger records what the monitor sent it on this rank (only rank 0 may send anything)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import Logger
+
+    from lightning_wd import WeightNormMonitor
+
+    class Recording(Logger):
+        name = "recording"
+        version = 0
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[tuple[int, dict[str, float]]] = []
+
+        def log_metrics(self, metrics, step=None):  # deliberately not rank_zero_only: the test checks the ranks
+            self.calls.append((step, dict(metrics)))
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+    class Gathered(pl.Callback):
+        def __init__(self) -> None:
+            self.per_step: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            params = dict(pl_module.named_parameters())
+            self.per_step[trainer.fit_loop.epoch_loop._batches_that_stepped] = {
+                "before": {n: p.full_tensor().detach().clone() for n, p in params.items()},
+                "grad": {n: p.grad.full_tensor().clone() for n, p in params.items()},
+                "local_before": {n: p.to_local().detach().clone() for n, p in params.items()},
+            }
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            after = {n: p.full_tensor().detach().clone() for n, p in pl_module.named_parameters()}
+            self.per_step[trainer.fit_loop.epoch_loop._batches_that_stepped]["after"] = after
+
+    Module = _module_class()
+    module = Module(inputs["init"], "Adam", inputs["lr"], inputs["wd"], fsdp=True)
+    logger, gathered = Recording(), Gathered()
+    trainer = _trainer(make_strategy(), [WeightNormMonitor(log_every_n_steps=1), gathered], max_steps=inputs["steps"])
+    trainer.logger = logger
+    trainer.fit(module, _loader(inputs))
+    return {"logged": logger.calls, "reference": gathered.per_step}
+
+
 def run_fsdp2(inputs: dict, workdir: str) -> dict:
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.distributed.tensor import DTensor
@@ -353,6 +401,7 @@ def run_fsdp2(inputs: dict, workdir: str) -> dict:
     for run in inputs["runs"]:
         results[run["name"]] = _fit(run, inputs, workdir, strategy, _collect_fsdp2, fsdp=True)
     results["monitor"] = _monitor_run(inputs, strategy)
+    results["weight_norm"] = _weight_norm_run(inputs, strategy)
 
     # Direct calls of the decay functions on freshly sharded parameters.
     from torch.distributed.device_mesh import init_device_mesh

@@ -394,3 +394,30 @@ def test_fsdp2_effective_lr_statistics_are_over_whole_parameters(fsdp2):
     local_only = [r0["reference"][step]["local:0.weight"] for step, _ in r0["logged"]]
     logged = [[m[f"effective_lr/net.0.weight/{s}"] for s in ("min", "max", "mean")] for _, m in r0["logged"]]
     assert any(abs(a / b - 1) > 1e-3 for loc, got in zip(local_only, logged) for a, b in zip(loc[:3], got))
+
+
+def test_fsdp2_weight_norms_are_of_whole_parameters(fsdp2):
+    """WeightNormMonitor under FSDP2: weight norms, gradient-to-weight ratios and the Adam + L2 equilibrium norm
+    (which needs |G| |W| of the whole matrix) are those of the whole parameters, computed here from the gathered
+    tensors in float64; every rank took part (rank 1 holds an empty shard of the output layer and nothing hung), and
+    only rank 0 sent anything to the loggers."""
+    r0, r1 = (res["weight_norm"] for res in fsdp2["ranks"])
+    assert r1["logged"] == []
+    assert [step for step, _ in r0["logged"]] == list(range(STEPS))
+    for step, metrics in r0["logged"]:
+        ref = r0["reference"][step]
+        expected = {}
+        for name, w in ref["before"].items():
+            w, g, after = w.double(), ref["grad"][name].double(), ref["after"][name].double()
+            expected[f"weight_norm/{name}"] = after.norm().item()
+            expected[f"grad_to_weight/{name}"] = (g.norm() / w.norm()).item()
+            if w.dim() >= 2:  # Adam's own weight_decay is L2: (lr sqrt(n) |g~| / (2 wd))^(1/3), |g~| = |G| |W|
+                scale_free = (g.norm() * w.norm()).item()
+                expected[f"equilibrium_norm/{name}"] = (LR * w.numel() ** 0.5 * scale_free / (2 * WD)) ** (1 / 3)
+        assert set(metrics) == set(expected)
+        for key, value in expected.items():
+            assert metrics[key] == pytest.approx(value, rel=2e-5), (step, key)  # fp32 sums of squares
+    # the contrast: the norm of rank 0's shard of 0.weight alone is not what was logged
+    local = [r0["reference"][step]["local_before"]["net.0.weight"].double().norm().item() for step in range(STEPS)]
+    whole = [r0["reference"][step]["before"]["net.0.weight"].double().norm().item() for step in range(STEPS)]
+    assert all(abs(a / b - 1) > 1e-2 for a, b in zip(local, whole))
