@@ -19,8 +19,8 @@ import tempfile
 import warnings
 
 import torch
-from fit_time import StepTimer
 from _common import fit_wide
+from fit_time import StepTimer
 
 from lightning_wd import WeightDecay
 

@@ -386,12 +386,13 @@ def _own_decay(optimizer: Optimizer, group: dict[str, Any]) -> Decay | None:
     """The optimizer's own decay of ``group``, as its registry entry describes it; ``None``: none, or not known."""
     wd = group.get("weight_decay", 0.0)
     rule, _ = rule_for(optimizer)
-    own = rule.own_rule(group)
+    own = rule.own_rule(optimizer, group)
     if own == "coupled":
         return ("l2", wd)
-    if own == "decoupled" and rule.step_size is not None:
-        return ("shrink", per_step_decay("decoupled", group["lr"], wd, None, rule.step_size(optimizer, group)))
-    return None  # "independent" needs a reference lr that only the optimizer knows; None: no decay we can read
+    step = rule.step_size(optimizer, group) if rule.step_size is not None else None
+    if own == "decoupled" and step is not None:
+        return ("shrink", per_step_decay("decoupled", group["lr"], wd, None, step))
+    return None  # another rule, or a step size known only inside the step (a relative one): no decay we can read
 
 
 def _attached_decay(attached: AttachedWeightDecay, group: dict[str, Any]
@@ -399,7 +400,8 @@ def _attached_decay(attached: AttachedWeightDecay, group: dict[str, Any]
     """The decay WeightDecay gives ``group`` in the coming step, and a function giving each parameter's: none for
     excluded parameters, plain decoupled decay for the ``uncorrected`` ones of ``mode="corrected"``."""
     wd = attached.current_weight_decay(group)
-    decay: Decay = ("l2", wd) if attached.mode == "coupled" else ("shrink", attached.per_step_decay(group, wd))
+    shrink = attached.per_step_decay(group, wd)
+    decay: Decay | None = ("l2", wd) if attached.mode == "coupled" else None if shrink is None else ("shrink", shrink)
     excluded = getattr(attached, "_excluded", set())
     uncorrected = getattr(attached, "_uncorrected", set())
 
@@ -407,9 +409,8 @@ def _attached_decay(attached: AttachedWeightDecay, group: dict[str, Any]
         if id(p) in excluded:
             return None
         if id(p) in uncorrected:
-            rule, opt = attached.rule, attached.optimizer
-            step = rule.step_size(opt, group) if rule.step_size is not None else group["lr"]
-            return ("shrink", per_step_decay("decoupled", group["lr"], wd, None, step))
+            step = attached._step_size(group)
+            return None if step is None else ("shrink", per_step_decay("decoupled", group["lr"], wd, None, step))
         return group_decay
 
     return decay, of
