@@ -253,6 +253,19 @@ class AttachedWeightDecay:
             self._group_info[id(params)] = info
         return info[2], info[3]
 
+    def is_excluded(self, param: Tensor) -> bool:
+        """Whether ``param`` gets no decay (``exclude``)."""
+        return id(param) in self._excluded
+
+    def is_uncorrected(self, param: Tensor) -> bool:
+        """Whether ``param`` gets the plain decoupled decay under ``mode="corrected"`` (``uncorrected``)."""
+        return id(param) in self._uncorrected
+
+    def step_size(self, group: dict[str, Any]) -> Any:
+        """What the optimizer's own decoupled decay multiplies ``wd`` by for ``group`` (its lr; ``d * lr`` for
+        Prodigy), or ``None`` where it is known only inside its step (a relative step size)."""
+        return self._step_size(group)
+
     def current_weight_decay(self, group: dict[str, Any]) -> Any:
         """The ``weight_decay`` the coming step applies to ``group``: the group's own, or its ``schedule`` value."""
         wd = group.get("weight_decay", 0.0)

@@ -125,6 +125,17 @@ class WeightDecay(Callback):
         self._attached: list[AttachedWeightDecay] = []
         self._log = False
 
+    @property
+    def attached(self) -> tuple[AttachedWeightDecay, ...]:
+        """The attachments to the Trainer's optimizers during fit (empty before and after it)."""
+        return tuple(self._attached)
+
+    @property
+    def logs_decay(self) -> bool:
+        """Whether this fit logs the decay applied and its timescale (``log_weight_decay``, or a
+        ``LearningRateMonitor(log_weight_decay=True)``)."""
+        return self._log
+
     def __repr__(self) -> str:
         defaults = {"weight_decay": None, "exclude": [], "exclude_bias_and_norm": False, "lr_max": None,
                     "native": True, "stochastic_rounding": False, "log_weight_decay": None, "schedule": None,

@@ -311,13 +311,13 @@ class WeightNormMonitor(Callback):
         attaches in its own ``on_fit_start``, which may run after this one's)."""
         for cb in self._trainer.callbacks if self._trainer else ():
             if isinstance(cb, WeightDecay):
-                for attached in cb._attached:
+                for attached in cb.attached:
                     if attached.optimizer is optimizer:
                         return attached
         return None
 
     def _timescale_logged_elsewhere(self) -> bool:
-        return any(isinstance(cb, WeightDecay) and cb._log for cb in self._trainer.callbacks)
+        return any(isinstance(cb, WeightDecay) and cb.logs_decay for cb in self._trainer.callbacks)
 
     # --- after the batch: one transfer, then the loggers ---------------------------------------------------------
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -402,14 +402,12 @@ def _attached_decay(attached: AttachedWeightDecay, group: dict[str, Any]
     wd = attached.current_weight_decay(group)
     shrink = attached.per_step_decay(group, wd)
     decay: Decay | None = ("l2", wd) if attached.mode == "coupled" else None if shrink is None else ("shrink", shrink)
-    excluded = getattr(attached, "_excluded", set())
-    uncorrected = getattr(attached, "_uncorrected", set())
 
     def of(p: Tensor, group_decay: Decay | None) -> Decay | None:
-        if id(p) in excluded:
+        if attached.is_excluded(p):
             return None
-        if id(p) in uncorrected:
-            step = attached._step_size(group)
+        if attached.is_uncorrected(p):
+            step = attached.step_size(group)
             return None if step is None else ("shrink", per_step_decay("decoupled", group["lr"], wd, None, step))
         return group_decay
 
