@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from lightning_wd.effective_lr import (
     FORMULAS,
     RateSpec,
     accumulate_partials,
+    adafactor_rate,
     adam_rate,
     effective_lr,
     empty_partials,
@@ -37,11 +40,28 @@ def bias_corrected_m(opt, w, grad=None) -> torch.Tensor:
     return state["exp_avg"] / (1 - group["betas"][0] ** float(state["step"]))
 
 
+def nadam_numerator(opt, w, grad) -> torch.Tensor:
+    """NAdam's ``(1 - mu_t) / (1 - prod mu) * grad + mu_{t+1} / (1 - prod mu * mu_{t+1}) * m``, from torch's
+    documented momentum schedule ``mu_t = beta1 * (1 - 0.5 * 0.96^(t * psi))``."""
+    state, group = opt.state[w], opt.param_groups[0]
+    t, beta1, psi = float(state["step"]), group["betas"][0], group["momentum_decay"]
+    mu, mu_next = (beta1 * (1 - 0.5 * 0.96 ** (k * psi)) for k in (t, t + 1))
+    prod = float(state["mu_product"])
+    return (1 - mu) / (1 - prod) * grad + mu_next / (1 - prod * mu_next) * state["exp_avg"]
+
+
 # name -> (optimizer, what the rate multiplies in the update: fn(opt, w, grad))
 UPDATES = {
     "adam": (lambda p: torch.optim.Adam(p, lr=5e-2, betas=(0.8, 0.95)), bias_corrected_m),
     "amsgrad": (lambda p: torch.optim.Adam(p, lr=5e-2, betas=(0.8, 0.95), amsgrad=True), bias_corrected_m),
     "adamw_wd0": (lambda p: torch.optim.AdamW(p, lr=5e-2, weight_decay=0.0), bias_corrected_m),
+    "nadam": (lambda p: torch.optim.NAdam(p, lr=5e-2), nadam_numerator),
+    "nadam_decoupled": (lambda p: torch.optim.NAdam(p, lr=5e-2, decoupled_weight_decay=True), nadam_numerator),
+    "radam": (lambda p: torch.optim.RAdam(p, lr=5e-2, betas=(0.9, 0.95)), bias_corrected_m),
+    "adamax": (lambda p: torch.optim.Adamax(p, lr=5e-2), bias_corrected_m),
+    "rmsprop": (lambda p: torch.optim.RMSprop(p, lr=1e-2), lambda opt, w, g: g),
+    "rmsprop_centered": (lambda p: torch.optim.RMSprop(p, lr=1e-2, centered=True), lambda opt, w, g: g),
+    "adagrad": (lambda p: torch.optim.Adagrad(p, lr=5e-2, lr_decay=0.1), lambda opt, w, g: g),
 }
 
 
@@ -54,7 +74,8 @@ TOLERANCES = {torch.float64: {"rtol": 2e-6, "atol": 1e-12}, torch.float32: {"rto
 @pytest.mark.parametrize("name", list(UPDATES))
 def test_rate_times_what_it_multiplies_is_the_real_update(name, dtype):
     """``p_before - p_after == rate * m`` elementwise at every step (no weight decay), ``m`` the bias-corrected first
-    moment, computed here from the state."""
+    moment (NAdam: its momentum-weighted numerator) or the gradient, computed here from the state; for RAdam the
+    steps cover both sides of its rectification (``rho_t > 5`` from step 6 with beta2 = 0.95)."""
     make_opt, multiplied = UPDATES[name]
     w = torch.nn.Parameter(torch.randn(4, 6, dtype=dtype, generator=torch.Generator().manual_seed(1)))
     opt = make_opt([w])
@@ -83,11 +104,100 @@ def test_adamw_rate_with_decay_is_the_update_after_the_decay():
                                    rtol=2e-6, atol=1e-12)
 
 
+def test_radam_before_rectification_is_lr_for_every_element():
+    w = torch.nn.Parameter(torch.randn(10, dtype=torch.float64))
+    opt = torch.optim.RAdam([w], lr=3e-2)  # beta2 = 0.999: rho_t <= 5 for the first steps
+    w.grad = torch.randn(10, dtype=torch.float64)
+    opt.step()
+    rate = effective_lr(FORMULAS["torch.optim.RAdam"].spec(opt.state[w], opt.param_groups[0], w))
+    assert torch.equal(rate, torch.full((10,), 3e-2))
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (3, 4, 5), (7,)], ids=["matrix", "batch_of_matrices", "vector"])
+def test_adafactor_rate_times_grad_is_the_update_given_rms_before_the_step(shape):
+    """Adafactor's update is ``rate * grad`` exactly when its relative step size uses RMS(p) before the step, as
+    torch's does; with the parameter after the step (what the monitor has), the rate is off by exactly
+    ``RMS(p_after) / RMS(p_before)``. Update clipping is off (``d`` large) and so is weight decay."""
+    w = torch.nn.Parameter(torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2)))
+    opt = torch.optim.Adafactor([w], lr=5e-2, d=1e9)
+    changes = []
+    for g in grads(shape, 6):
+        w.grad = g
+        before = w.detach().clone()
+        opt.step()
+        state, group = opt.state[w], opt.param_groups[0]
+        moved = before - w.detach()
+        exact = effective_lr(adafactor_rate(state, group, before)).double().view(shape)
+        torch.testing.assert_close(moved, exact * g, rtol=2e-6, atol=1e-12)
+        after = effective_lr(adafactor_rate(state, group, w)).double().view(shape)
+        ratio = torch.linalg.vector_norm(w.detach()) / torch.linalg.vector_norm(before)
+        torch.testing.assert_close(after, exact * ratio, rtol=2e-6, atol=0)
+        changes.append(abs(ratio.item() - 1))
+    assert max(changes) > 1e-4  # RMS(p) moved enough for the comparisons to tell before from after
+
+
+def test_adafactor_eps1_floor_and_eps2_floor_are_in_the_rate():
+    """Gradients so small that ``v_est < eps1^2`` (the rate is ``alpha / eps1``) and a parameter so small that
+    ``RMS(p) < eps2`` (``alpha = eps2 * rho_t``, whichever p the monitor measures)."""
+    w = torch.nn.Parameter(torch.full((4, 3), 1e-3, dtype=torch.float64))
+    opt = torch.optim.Adafactor([w], lr=1e-2, eps=(1e-3, 1.0), d=1e9)
+    for g in grads(w.shape, 4):
+        w.grad = g * 1e-5
+        before = w.detach().clone()
+        opt.step()
+        state, group = opt.state[w], opt.param_groups[0]
+        rate = effective_lr(adafactor_rate(state, group, w)).double().view_as(w)
+        torch.testing.assert_close(before - w.detach(), rate * w.grad, rtol=2e-6, atol=0)
+        assert torch.equal(rate, torch.full_like(rate, rate[0, 0].item()))  # alpha / eps1 for every element
+
+
+def test_adafactor_rate_built_in_chunks_of_rows_is_built_whole(monkeypatch):
+    """The factored second moment made chunk by chunk (chunks of whole rows, across the matrices of a batch) equals
+    torch's ``var_estimate`` of the whole parameter."""
+    w = torch.nn.Parameter(torch.randn(3, 4, 5))
+    opt = torch.optim.Adafactor([w], lr=1e-2)
+    for g in grads(w.shape, 3):
+        w.grad = g.float()
+        opt.step()
+    state, group = opt.state[w], opt.param_groups[0]
+    whole = effective_lr(adafactor_rate(state, group, w))
+    whole_stats = rate_statistics([adafactor_rate(state, group, w)], per_group=False)[0]
+    eps1 = torch.finfo(torch.float32).eps
+    var = (state["row_var"] @ state["col_var"]).div_(state["row_var"].mean(dim=-2, keepdim=True).clamp_(min=eps1))
+    alpha = max(1e-3, w.detach().norm().item() / math.sqrt(w.numel())) * min(1e-2, 1 / math.sqrt(3))
+    torch.testing.assert_close(whole, alpha * var.clamp(min=eps1 * eps1).rsqrt().flatten(), rtol=1e-6, atol=0)
+    for chunk in (1, 7, 22):  # less than a row (5), a row and a bit, parts of two matrices (20 elements each)
+        monkeypatch.setattr(el, "chunk_elements", lambda device, chunk=chunk: chunk)
+        spec = adafactor_rate(state, group, w)
+        assert el._chunk(spec) == max(5, chunk - chunk % 5)
+        stats = rate_statistics([spec], per_group=False)[0]
+        assert torch.equal(stats[[0, 1, 3]], whole_stats[[0, 1, 3]])
+        torch.testing.assert_close(stats[2], whole_stats[2])
+        assert stats[0] == whole.min() and stats[1] == whole.max()
+
+
+def test_sparse_adam_rate_times_m_hat_is_the_update_of_the_rows_it_moves():
+    emb = torch.nn.Embedding(10, 4, sparse=True).double()
+    opt = torch.optim.SparseAdam(emb.parameters(), lr=5e-2)
+    w = emb.weight
+    for step, rows in enumerate(([1, 2, 3], [2, 5], [0, 2, 9], [5, 6])):
+        opt.zero_grad()
+        emb(torch.tensor(rows)).mul(torch.randn(len(rows), 4, dtype=torch.float64) * (step + 1)).sum().backward()
+        before = w.detach().clone()
+        opt.step()
+        rate = effective_lr(FORMULAS["torch.optim.SparseAdam"].spec(opt.state[w], opt.param_groups[0], w))
+        expected = rate.double().view_as(w) * bias_corrected_m(opt, w)
+        moved = before - w.detach()
+        torch.testing.assert_close(moved[rows], expected[rows], rtol=2e-6, atol=1e-12)
+        assert torch.count_nonzero(moved) == 4 * len(rows)
+
+
 def test_a_device_step_gives_the_rate_of_a_host_step(monkeypatch):
-    """``capturable``/``fused`` optimizers keep ``step`` on the device; the formulas then compute on the device.
-    Simulated on the CPU by handing the formulas the step tensor itself."""
+    """``capturable``/``fused`` optimizers keep ``step`` on the device; the formulas then compute on the device,
+    RAdam choosing its branch there. Simulated on the CPU by handing the formulas the step tensor itself."""
     w = torch.nn.Parameter(torch.randn(30))
-    opts = {"torch.optim.Adam": torch.optim.Adam([w], lr=1e-2, amsgrad=True)}
+    opts = {"torch.optim.Adam": torch.optim.Adam([w], lr=1e-2, amsgrad=True),
+            "torch.optim.RAdam": torch.optim.RAdam([w], lr=1e-2, betas=(0.9, 0.95))}
     for key, opt in opts.items():
         for t, g in enumerate(grads(w.shape, 8)):
             w.grad = g.float()
@@ -100,6 +210,26 @@ def test_a_device_step_gives_the_rate_of_a_host_step(monkeypatch):
                 assert isinstance(spec.scale, torch.Tensor)
                 device = effective_lr(spec)
             torch.testing.assert_close(device, host, rtol=1e-6, atol=0)
+
+
+def test_every_torch_optimizer_has_an_entry_and_subclasses_take_their_base_entry():
+    public = {name for name in dir(torch.optim)
+              if isinstance(getattr(torch.optim, name), type) and issubclass(getattr(torch.optim, name),
+                                                                             torch.optim.Optimizer)}
+    assert {f"torch.optim.{name}" for name in public - {"Optimizer"}} <= set(FORMULAS)
+
+    class MyAdam(torch.optim.Adam):
+        pass
+
+    class Custom(torch.optim.Optimizer):
+        pass
+
+    p = [torch.nn.Parameter(torch.zeros(1))]
+    assert formula_for(MyAdam(p))[0] == "torch.optim.Adam"
+    assert formula_for(torch.optim.AdamW(p))[0] == "torch.optim.AdamW"  # the class itself before its base, Adam
+    assert formula_for(torch.optim.SGD(p, lr=0.1))[1].spec is None
+    assert formula_for(Custom(p, {})) is None
+    assert el._resolve("no_such_package.Optimizer") is None  # a path whose module is not imported stays unresolved
 
 
 # --- the statistics ----------------------------------------------------------------------------------------------
@@ -150,8 +280,8 @@ def test_statistics_are_exact_and_the_median_within_its_documented_bound(n, spre
 
 
 def test_group_of_parameters_with_different_scales_is_the_statistics_of_all_their_elements():
-    """The group's histogram is of the rate itself, so parameters whose rates have different scales and eps (steps
-    at different counts, say) combine exactly into the group's median."""
+    """The group's histogram is of the rate itself, so parameters whose rates have different scales and eps (as
+    Adafactor's relative step sizes, or steps at different counts) combine exactly into the group's median."""
     specs, rates = [], []
     for i, (scale, eps) in enumerate([(1e-3, 1e-8), (5e-2, 1e-6), (1e-4, 0.0), (2e-3, 1e-3)]):
         v = spread_v(300 + 100 * i, 6, seed=i)

@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_wd import EffectiveLRMonitor, WeightDecay
-from lightning_wd.effective_lr import formula_for, histogram_median_rel_error
+from lightning_wd.effective_lr import effective_lr, formula_for, histogram_median_rel_error
 
 
 class Net(L.LightningModule):
@@ -135,6 +135,55 @@ def test_logged_statistics_match_reference_at_every_logged_step(tmp_path, config
         assert lrs[0].max() > lrs[-1].max()
 
 
+class FormulaReference(Callback):
+    """Records, after every step, the elementwise rate of each parameter by the library's formula for its
+    optimizer (each formula is checked against the optimizer's real update in test_effective_lr.py)."""
+
+    def __init__(self) -> None:
+        self.per_step: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
+
+    def on_fit_start(self, trainer, pl_module):
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+
+        def hook(opt, args, kwargs):
+            step = trainer.fit_loop.epoch_loop._batches_that_stepped
+            spec_of = formula_for(opt)[1].spec
+            for gi, group in enumerate(opt.param_groups):
+                rates = [effective_lr(spec_of(opt.state[p], group, p)).double() for p in group["params"]]
+                self.per_step[step].update({names[id(p)]: r for p, r in zip(group["params"], rates)})
+                self.per_step[step][f"{type(opt).__name__}/pg{gi}"] = torch.cat(rates)
+
+        for opt in trainer.optimizers:
+            opt.register_step_post_hook(hook)
+
+
+OTHER_OPTIMIZERS = {
+    "nadam": lambda m: torch.optim.NAdam(m.parameters(), lr=1e-2),
+    "radam": lambda m: torch.optim.RAdam(m.parameters(), lr=1e-2, betas=(0.9, 0.95)),  # rectified from step 6
+    "adamax": lambda m: torch.optim.Adamax(m.parameters(), lr=1e-2),
+    "rmsprop_centered": lambda m: torch.optim.RMSprop(m.parameters(), lr=1e-3, centered=True, momentum=0.9),
+    "adagrad": lambda m: torch.optim.Adagrad(m.parameters(), lr=1e-2, lr_decay=0.01),
+    "adafactor": lambda m: torch.optim.Adafactor(m.parameters(), lr=1e-2),
+}
+
+
+@pytest.mark.parametrize("config", list(OTHER_OPTIMIZERS))
+def test_every_adaptive_optimizer_is_logged_with_exact_statistics_of_its_rate(tmp_path, config):
+    """The logged statistics of each parameter and group equal the exact ones (sorted median, fp64 mean) of the
+    per-element rate at the step they describe, for the optimizers beyond Adam."""
+    ref = FormulaReference()
+    trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor(), ref], max_steps=8, log_every_n_steps=4)
+    trainer.fit(Net(OTHER_OPTIMIZERS[config]), loader())
+    logged = read_metrics(str(tmp_path))
+    for step in (3, 7):
+        assert len(ref.per_step[step]) == 5  # 4 parameters and the group
+        for name, rate in ref.per_step[step].items():
+            for stat, value in zip(("min", "max", "mean"), (rate.min(), rate.max(), rate.mean())):
+                assert logged[step][f"effective_lr/{name}/{stat}"] == pytest.approx(value.item(), rel=1e-6)
+            median = logged[step][f"effective_lr/{name}/median"]
+            assert abs(median / lower_median(rate) - 1) <= histogram_median_rel_error(), (step, name)
+
+
 def test_no_host_read_but_the_step_counters_on_a_logging_step():
     """The CPU stand-in for CUDA's sync check: ``_local_scalar_dense`` (what ``.item()`` and ``float(t)`` dispatch)
     runs, during a logging step's statistics, only on the optimizer's step counters, which torch keeps on the host
@@ -223,7 +272,8 @@ def test_one_host_transfer_per_logging_step(tmp_path, monkeypatch):
 
 def test_unsupported_optimizer_warns_once_and_training_goes_on(tmp_path):
     trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor()], max_steps=4, log_every_n_steps=1)
-    with pytest.warns(UserWarning, match=r"EffectiveLRMonitor skips SGD \(SGD: .*use LearningRateMonitor\)") as record:
+    expected = r"EffectiveLRMonitor skips SGD \(its rate is .*: use LearningRateMonitor\)\.$"
+    with pytest.warns(UserWarning, match=expected) as record:
         trainer.fit(Net(lambda m: torch.optim.SGD(m.parameters(), lr=0.1)), loader())
     assert sum("EffectiveLRMonitor" in str(w.message) for w in record) == 1
     assert trainer.global_step == 4
@@ -265,8 +315,8 @@ def test_optimizers_without_a_rate_and_unknown_ones_are_named_in_one_warning(tmp
     with pytest.warns(UserWarning, match="EffectiveLRMonitor skips") as record:
         trainer.fit(ManualSteps(make_opts), loader())
     (message,) = [str(w.message) for w in record if "EffectiveLRMonitor" in str(w.message)]
-    assert "Homemade, Unknown" in message and "use LearningRateMonitor" in message
-    assert "Homemade: no effective-lr formula is known for it" in message
+    assert message.startswith("EffectiveLRMonitor skips Homemade (no effective-lr formula is known for it")
+    assert "; Unknown (its rate is the lr itself for every element: use LearningRateMonitor)." in message
 
 
 def test_no_optimizer_at_all_gives_no_warning(tmp_path):

@@ -65,14 +65,20 @@ __all__ = [
     "Partials",
     "RateSpec",
     "accumulate_partials",
+    "adafactor_rate",
+    "adagrad_rate",
     "adam_rate",
+    "adamax_rate",
     "chunk_elements",
     "effective_lr",
     "empty_partials",
     "formula_for",
     "histogram_median_rel_error",
     "make_scratch",
+    "radam_rate",
     "rate_statistics",
+    "rmsprop_rate",
+    "sparse_adam_rate",
     "summarize_partials",
 ]
 
@@ -91,7 +97,8 @@ class RateSpec:
             elements. It writes the root rather than ``u`` so that for Adam the read of the state and the square
             root are one pass (``torch.sqrt(v, out=...)``), and Adamax's ``exp_inf`` goes in as it is.
         device: where the state lives and the work happens.
-        row: ``fill`` is only asked for whole rows of this many elements (for a second moment built row by row).
+        row: ``fill`` is only asked for whole rows of this many elements (Adafactor's factored second moment is
+            built row by row).
 
     Example::
 
@@ -157,6 +164,14 @@ def _root_fill(t: Tensor) -> Callable[[int, int, Tensor], None]:
     return fill
 
 
+def _copy_fill(t: Tensor) -> Callable[[int, int, Tensor], None]:
+    """``fill`` writing ``t`` itself, for a state that is already the root (Adamax's ``exp_inf``)."""
+    flat = _flat(t)
+
+    def fill(start: int, stop: int, out: Tensor) -> None:
+        out.copy_(flat[start:stop])
+
+    return fill
 
 
 def _zero_fill(start: int, stop: int, out: Tensor) -> None:
@@ -166,6 +181,10 @@ def _zero_fill(start: int, stop: int, out: Tensor) -> None:
 def adam_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
     """``lr / (sqrt(v / (1 - beta2^t)) + eps)``, the factor of ``m_hat = m / (1 - beta1^t)`` in the update of
     ``torch.optim.Adam`` and ``AdamW``, with ``v = max_exp_avg_sq`` under AMSGrad, else ``exp_avg_sq``.
+
+    It is also ``torch.optim.NAdam``'s rate (decoupled decay or not): NAdam divides by the same denominator, and
+    its momentum-schedule weights ``mu_t`` are scalars of its numerator, which this rate multiplies:
+    ``(1 - mu_t) / (1 - prod mu) * grad + mu_{t+1} / (1 - prod mu * mu_{t+1}) * m``.
 
     Computed as ``lr * sqrt(bc2) / (sqrt(v) + eps * sqrt(bc2))``, the same number, so that the square root is taken
     of ``v`` as it is stored. ``None`` for a parameter the optimizer has not stepped yet.
@@ -178,16 +197,141 @@ def adam_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None
     return RateSpec(group["lr"] * root_bc2, group["eps"] * root_bc2, v.numel(), _root_fill(v), v.device)
 
 
+def sparse_adam_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
+    """``lr * sqrt(1 - beta2^t) / (sqrt(v) + eps)``, the factor of ``m_hat`` in ``torch.optim.SparseAdam``'s update
+    (its ``eps`` is added before the bias correction, unlike Adam's). A step moves only the rows of its sparse
+    gradient; this is the rate of each element at the step that moves it."""
+    if "exp_avg_sq" not in state:
+        return None
+    v = state["exp_avg_sq"]
+    root_bc2 = _sqrt(_bias_correction(group["betas"][1], _step(state)))
+    return RateSpec(group["lr"] * root_bc2, group["eps"], v.numel(), _root_fill(v), v.device)
 
 
+def radam_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
+    """``lr * r_t * sqrt(1 - beta2^t) / (sqrt(v) + eps)`` once ``torch.optim.RAdam`` rectifies (``rho_t > 5``), else
+    ``lr`` for every element: the factor of ``m_hat`` in its update, with torch's
+    ``rho_t = rho_inf - 2 t beta2^t / (1 - beta2^t)``, ``rho_inf = 2 / (1 - beta2) - 1`` and
+    ``r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))``. For a device step
+    (``capturable``) the choice is made on the device."""
+    if "exp_avg_sq" not in state:
+        return None
+    v, lr, eps = state["exp_avg_sq"], group["lr"], group["eps"]
+    beta2, t = group["betas"][1], _step(state)
+    bc2 = _bias_correction(beta2, t)
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * t * beta2**t / bc2
+    rect_sq = (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+    if isinstance(rho_t, Tensor):
+        on = rho_t > 5
+        root_fill = _root_fill(v)
+
+        def fill(start: int, stop: int, out: Tensor) -> None:
+            root_fill(start, stop, out)
+            out.mul_(on)  # sqrt(u) = 0 and eps = 1 before rectification: the rate is lr
+
+        # where() keeps the NaN of the root of a negative rect_sq out of the chosen branch
+        scale = torch.where(on, lr * rect_sq.clamp(min=0).sqrt() * bc2.sqrt(), lr)
+        return RateSpec(scale, torch.where(on, eps, 1.0), v.numel(), fill, v.device)
+    if rho_t > 5:
+        return RateSpec(lr * math.sqrt(rect_sq) * math.sqrt(bc2), eps, v.numel(), _root_fill(v), v.device)
+    return RateSpec(lr, 1.0, v.numel(), _zero_fill, v.device)
 
 
+def adamax_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
+    """``lr / exp_inf``: the factor of the bias-corrected first moment ``m / (1 - beta1^t)`` in the update of
+    ``torch.optim.Adamax``, which torch writes ``lr / (1 - beta1^t) * m / exp_inf`` (its ``eps`` is inside
+    ``exp_inf``, the running max of ``|grad| + eps``)."""
+    if "exp_inf" not in state:
+        return None
+    u = state["exp_inf"]
+    return RateSpec(group["lr"], 0.0, u.numel(), _copy_fill(u), u.device)
 
 
+def rmsprop_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
+    """``lr / (sqrt(square_avg) + eps)``, with ``square_avg - grad_avg^2`` under ``centered=True``: the factor of the
+    gradient in ``torch.optim.RMSprop``'s update. With ``momentum > 0`` the gradient times ``rate / lr`` enters the
+    momentum buffer, which the update multiplies by ``lr``."""
+    if "square_avg" not in state:
+        return None
+    sq = state["square_avg"]
+    if not group.get("centered", False):
+        return RateSpec(group["lr"], group["eps"], sq.numel(), _root_fill(sq), sq.device)
+    sq_flat, avg_flat = _flat(sq), _flat(state["grad_avg"])
+
+    def fill(start: int, stop: int, out: Tensor) -> None:
+        s, g = sq_flat[start:stop], avg_flat[start:stop]
+        if s.dtype == torch.float32:
+            torch.addcmul(s, g, g, value=-1, out=out)
+        else:
+            out.copy_(s).addcmul_(g, g, value=-1)
+        out.sqrt_()
+
+    return RateSpec(group["lr"], group["eps"], sq.numel(), fill, sq.device)
 
 
+def adagrad_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
+    """``lr / (1 + (t - 1) * lr_decay) / (sqrt(sum) + eps)``: the factor of the gradient in ``torch.optim.Adagrad``'s
+    update. ``None`` before the parameter's first step (Adagrad makes its state when it is built)."""
+    if "sum" not in state:
+        return None
+    t = _step(state)
+    if not isinstance(t, Tensor) and t == 0:
+        return None
+    s = state["sum"]
+    return RateSpec(group["lr"] / (1 + (t - 1) * group["lr_decay"]), group["eps"], s.numel(), _root_fill(s), s.device)
 
 
+def adafactor_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor) -> RateSpec | None:
+    """``alpha / sqrt(max(v_est, eps1^2))``: the factor of the gradient in ``torch.optim.Adafactor``'s update.
+
+    ``v_est = row_var ⊗ col_var / max(mean(row_var), eps1)`` (torch's ``var_estimate``, built here one chunk of rows
+    at a time, never for the whole parameter), or ``variance`` for a parameter of fewer than 2 dimensions;
+    ``eps1`` is the machine epsilon of the parameter's dtype when the group's ``eps[0]`` is None.
+    ``alpha = max(eps2, RMS(p)) * min(lr, 1 / sqrt(t))``, its relative step size.
+
+    Two factors of the update are not in this rate. ``RMS(p)``: torch measures it before the update, this function
+    (called after the step) measures ``param`` as it is given, so the rate is off by the step's relative change of
+    the parameter's RMS (``RMS(p_after) / RMS(p_before)``), unless ``eps2`` dominates. And torch's update clipping,
+    the factor ``1 / max(1, RMS(update) / d)`` (with ``d`` the group's ``d``, 1 by default), which depends on the
+    gradient, not on the state.
+    """
+    if "row_var" not in state and "variance" not in state:
+        return None
+    if param.numel() == 0:
+        return None
+    eps1, eps2 = group["eps"]
+    eps1 = torch.finfo(param.dtype).eps if eps1 is None else eps1
+    rho = 1 / math.sqrt(_step(state))
+    lr = group["lr"]
+    rho = lr.clamp(max=rho) if isinstance(lr, Tensor) else min(lr, rho)
+    p = param.detach()
+    rms = torch.linalg.vector_norm(p, dtype=torch.promote_types(p.dtype, torch.float32)) / math.sqrt(p.numel())
+    alpha = rms.clamp_(min=eps2).mul_(rho)
+    if "variance" in state:
+        flat = _flat(state["variance"])
+
+        def fill_variance(start: int, stop: int, out: Tensor) -> None:
+            out.copy_(flat[start:stop]).clamp_(min=eps1 * eps1).sqrt_()
+
+        return RateSpec(alpha, 0.0, param.numel(), fill_variance, param.device)
+    row_var, col_var = state["row_var"], state["col_var"]  # (..., R, 1) and (..., 1, C)
+    n_rows, n_cols = row_var.shape[-2], col_var.shape[-1]
+    rows = row_var.detach().reshape(-1).float()  # one entry per row of every matrix (small: no parameter-sized copy)
+    cols = col_var.detach().reshape(-1, n_cols).float()
+    means = row_var.detach().float().mean(dim=-2).clamp_(min=eps1).reshape(-1)
+
+    def fill(start: int, stop: int, out: Tensor) -> None:
+        r, end = start // n_cols, stop // n_cols
+        while r < end:  # one matrix of a batch of matrices at a time
+            m = r // n_rows
+            r_stop = min(end, (m + 1) * n_rows)
+            seg = out[(r - start // n_cols) * n_cols : (r_stop - start // n_cols) * n_cols].view(r_stop - r, n_cols)
+            torch.mul(rows[r:r_stop, None], cols[m], out=seg).div_(means[m])  # as torch: (row @ col) / mean
+            r = r_stop
+        out.clamp_(min=eps1 * eps1).sqrt_()
+
+    return RateSpec(alpha, 0.0, param.numel(), fill, param.device, row=n_cols)
 
 
 @dataclass(frozen=True)
@@ -198,8 +342,8 @@ class Formula:
         spec: ``spec(state, group, param)`` makes one parameter's :class:`RateSpec` (``None`` for a parameter not
             stepped yet); ``None`` for an optimizer without a per-element rate.
         note: for an optimizer without one, why, and what to log instead.
-        sharded: whether ``spec`` works on one process's shard of a parameter (FSDP2), i.e. needs nothing of
-            the other shards.
+        sharded: whether ``spec`` works on one process's shard of a parameter (FSDP2); Adafactor's factored second
+            moment and its RMS(p) span the shards.
     """
 
     spec: Callable[[dict[str, Any], dict[str, Any], Tensor], RateSpec | None] | None
@@ -212,6 +356,13 @@ class Formula:
 FORMULAS: dict[str, Formula] = {
     "torch.optim.Adam": Formula(adam_rate),
     "torch.optim.AdamW": Formula(adam_rate),
+    "torch.optim.NAdam": Formula(adam_rate),
+    "torch.optim.RAdam": Formula(radam_rate),
+    "torch.optim.Adamax": Formula(adamax_rate),
+    "torch.optim.RMSprop": Formula(rmsprop_rate),
+    "torch.optim.Adagrad": Formula(adagrad_rate),
+    "torch.optim.SparseAdam": Formula(sparse_adam_rate),
+    "torch.optim.Adafactor": Formula(adafactor_rate, sharded=False),
     "torch.optim.SGD": Formula(None, "its rate is the lr itself for every element: use LearningRateMonitor"),
     "torch.optim.ASGD": Formula(None, "one step size per parameter (state['eta']), the same for all its elements"),
     "torch.optim.Rprop": Formula(None, "its per-element step sizes (state['step_size']) multiply sign(grad), not grad"),

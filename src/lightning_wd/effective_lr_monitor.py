@@ -54,8 +54,9 @@ class EffectiveLRMonitor(Callback):
 
     Adam's update is :math:`p \leftarrow p - \eta\, \hat m / (\sqrt{\hat v} + \epsilon)`; the effective learning
     rate of each element is :math:`\eta / (\sqrt{\hat v} + \epsilon)` (with ``max_exp_avg_sq`` as :math:`v` under
-    AMSGrad), the factor of :math:`\hat m` in the update (the formulas: :data:`lightning_wd.effective_lr.FORMULAS`).
-    On each logging step the callback summarizes the rate,
+    AMSGrad), the factor of :math:`\hat m` in the update. Every torch optimizer with such a per-element rate is
+    covered: Adam, AdamW, AMSGrad, NAdam, RAdam, Adamax, RMSprop, Adagrad, Adafactor and SparseAdam, each with its own
+    formula (:data:`lightning_wd.effective_lr.FORMULAS`). On each logging step the callback summarizes the rate,
     right after the optimizer step, with the lr that step used, and logs through ``trainer.loggers``:
 
     - ``effective_lr/{param_name}/{min,max,mean,median}`` for every parameter (``named_parameters()`` names);
@@ -76,7 +77,7 @@ class EffectiveLRMonitor(Callback):
 
     An element that has never had a gradient (``v = 0``) has the effective lr ``lr / eps``; such elements show up in
     ``max`` and pull up ``mean``, so ``median`` is usually the statistic to watch. Optimizers without a per-element
-    rate (SGD, ASGD, Rprop, Adadelta, Muon, LBFGS) and optimizers the library has no formula for yet get one warning
+    rate (SGD, ASGD, Rprop, Adadelta, Muon, LBFGS) and optimizers the library has no formula for get one warning
     naming them and are skipped.
 
     Args:
@@ -124,24 +125,24 @@ class EffectiveLRMonitor(Callback):
         self._remove_hooks()
         self._trainer = trainer
         self._names = {id(p): name for name, p in pl_module.named_parameters()}
-        skipped: dict[str, str] = {}
+        skipped: dict[str, str] = {}  # what is skipped -> why
         for name, opt in zip(optimizer_names(trainer.optimizers), trainer.optimizers):
             if not opt.param_groups:  # Lightning's stand-in when `configure_optimizers` returns None
                 continue
             found = formula_for(opt)
             cls = type(opt).__name__
             if found is None:
-                skipped[cls] = "no effective-lr formula is known for it (lightning_wd.effective_lr.FORMULAS)"
+                skipped[cls] = "no effective-lr formula is known for it: see lightning_wd.effective_lr.FORMULAS"
             elif found[1].spec is None:
                 skipped[cls] = found[1].note
             else:
                 formula = found[1]
                 if not formula.sharded and any(_shard_groups(p) for g in opt.param_groups for p in g["params"]):
-                    skipped[cls] = "its sharded (FSDP2) parameters are skipped: its rate spans the shards"
+                    skipped[f"{cls}'s sharded (FSDP2) parameters"] = "its rate needs the whole parameter"
                 self._handles.append(opt.register_step_post_hook(self._make_hook(name, formula)))
         if skipped:
-            reasons = "; ".join(f"{cls}: {why}" for cls, why in sorted(skipped.items()))
-            rank_zero_warn(f"EffectiveLRMonitor skips {', '.join(sorted(skipped))} ({reasons}).")
+            what = "; ".join(f"{cls} ({why})" for cls, why in sorted(skipped.items()))
+            rank_zero_warn(f"EffectiveLRMonitor skips {what}.")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
