@@ -437,14 +437,15 @@ def effective_lr(spec: RateSpec) -> Tensor:
 
 def _rate_(root: Tensor, spec: RateSpec) -> Tensor:
     """``scale / (root + eps)`` in place: one division (``reciprocal_().mul_()`` costs a pass more)."""
-    root.add_(spec.eps)
+    if isinstance(spec.eps, Tensor) or spec.eps != 0:  # Adamax and Adafactor have their eps inside the root
+        root.add_(spec.eps)
     return torch.div(spec.scale, root, out=root)
 
 
 class Partials(NamedTuple):
     """Statistics of rates that add up across chunks, parameters and shards, one row per parameter (or group).
 
-    ``ext``: ``[..., 2]`` fp64, ``[min, max]`` of the rate (combined by min and max, fp32 values exactly).
+    ``ext``: ``[..., 2]`` fp32, ``[min, max]`` of the rate (combined by min and max).
     ``sums``: ``[..., 2 + HIST_BINS]`` fp64, ``[sum of the rate, count, histogram of the rate]`` (combined by sum;
     counts exact up to 2**53).
     """
@@ -456,7 +457,7 @@ class Partials(NamedTuple):
 def empty_partials(rows: int, device: torch.device) -> Partials:
     """``rows`` rows of the partials of no elements: the identities of the combination."""
     # fill_ rather than a tensor from a list: on an accelerator, a copy from host memory waits for the device
-    ext = torch.empty(rows, 2, dtype=torch.float64, device=device)
+    ext = torch.empty(rows, 2, dtype=torch.float32, device=device)
     ext[:, 0].fill_(float("inf"))
     ext[:, 1].fill_(float("-inf"))
     return Partials(ext, torch.zeros(rows, 2 + HIST_BINS, dtype=torch.float64, device=device))
@@ -473,6 +474,9 @@ def accumulate_partials(spec: RateSpec, ext: Tensor, sums: Tensor, scratch: tupl
     if spec.numel == 0:
         return
     values, keys = scratch
+    # below this many elements a chunk's counts go straight into the row (`index_add_`): `bincount` fills and adds
+    # a count for every possible bin, ~15 us whatever the chunk (benchmarks/stats_pass.py)
+    small = 1 << 14
     step = min(_chunk(spec), values.numel() - values.numel() % spec.row)
     if step < 1:
         raise ValueError(f"scratch of {values.numel()} elements holds no row of {spec.row}")
@@ -490,17 +494,19 @@ def accumulate_partials(spec: RateSpec, ext: Tensor, sums: Tensor, scratch: tupl
         # clamped: a NaN rate (its sign bit set) goes to the first bin instead of failing the count
         idx = torch.bitwise_right_shift(rate.view(torch.int32), _SHIFT, out=keys[:n]).clamp_(_FIRST_BIN_BITS,
                                                                                            _LAST_BIN_BITS)
-        _count_bins(idx, sums[2:])
+        _count_bins(idx, sums[2:], None if n >= small else False)
 
 
 def _count_bins(idx: Tensor, hist: Tensor, bincount: bool | None = None) -> None:
-    """``hist[i] += (idx == _FIRST_BIN_BITS + i).sum()`` for every bin ``i``: ``bincount`` on a CPU (the fastest
-    there; counted from index 0 so that the offset costs no pass), elsewhere an ``index_add_`` into the fixed bins
-    (``bincount`` sizes its output from the data, which costs a host sync; ``index_add_`` takes the int32 ``idx`` as
-    it is, where ``scatter_add_`` would need an int64 copy). ``idx`` is scratch: it may be overwritten."""
+    """``hist[i] += (idx == _FIRST_BIN_BITS + i).sum()`` for every bin ``i``, ``idx`` clamped to the bins:
+    ``bincount`` on a CPU (the fastest there; counted from index 0 so that the offset costs no pass), elsewhere an
+    ``index_add_`` into the fixed bins (``bincount`` sizes its output from the data, which costs a host sync;
+    ``index_add_`` takes the int32 ``idx`` as it is, where ``scatter_add_`` would need an int64 copy). ``idx`` is
+    scratch: it may be overwritten."""
     use_bincount = idx.device.type == "cpu" if bincount is None else bincount
     if use_bincount:
-        hist += torch.bincount(idx, minlength=_LAST_BIN_BITS + 1)[_FIRST_BIN_BITS:]
+        counts = torch.bincount(idx)  # as long as the largest index: at least _FIRST_BIN_BITS + 1
+        hist[: counts.numel() - _FIRST_BIN_BITS] += counts[_FIRST_BIN_BITS:]
     else:
         ones = torch.ones((), dtype=hist.dtype, device=hist.device).expand(idx.shape)
         hist.index_add_(0, idx.sub_(_FIRST_BIN_BITS), ones)
@@ -513,13 +519,20 @@ def summarize_partials(ext: Tensor, sums: Tensor) -> Tensor:
     median, kept within ``[min, max]``: within :func:`histogram_median_rel_error` (0.39%) of the exact lower median.
     A row of no elements (count 0) gives NaN for all four.
     """
-    mn, mx, count = ext[..., 0], ext[..., 1], sums[..., 1]
+    mn, mx, count = ext[..., 0].double(), ext[..., 1].double(), sums[..., 1]
     mean = sums[..., 0] / count
-    cum = sums[..., 2:].cumsum(-1)
     # the lower median is the element of rank floor((n - 1) / 2) from 0 in increasing order: its bin is the first
-    # whose cumulative count exceeds that rank
+    # whose cumulative count exceeds that rank. Found in two steps, the power of two, then the bin within it: a
+    # cumulative sum over all bins costs 7x as much as the sums per power of two
     rank = torch.floor((count - 1) / 2).unsqueeze(-1)
-    b = torch.searchsorted(cum, rank.contiguous(), right=True).clamp_(max=HIST_BINS - 1)
+    fine = sums[..., 2:].unflatten(-1, (-1, 1 << MANTISSA_BITS))  # [..., powers of two, bins in each]
+    per_octave = fine.sum(-1)
+    coarse = per_octave.cumsum(-1)
+    octave = torch.searchsorted(coarse, rank.contiguous(), right=True).clamp_(max=coarse.shape[-1] - 1)
+    before = coarse.gather(-1, octave) - per_octave.gather(-1, octave)  # the elements in the powers below it
+    within = fine.gather(-2, octave.unsqueeze(-1).expand(*octave.shape[:-1], 1, fine.shape[-1])).squeeze(-2)
+    b = torch.searchsorted(within.cumsum(-1), (rank - before).contiguous(), right=True).clamp_(max=fine.shape[-1] - 1)
+    b = b + (octave << MANTISSA_BITS)
     low, high = ((((b + i + _FIRST_BIN_BITS) << _SHIFT).to(torch.int32).view(torch.float32).double()).squeeze(-1)
                  for i in (0, 1))
     median = torch.sqrt(low * high).clamp(mn, mx)  # the end bins' centres can lie outside the data
