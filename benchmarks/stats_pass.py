@@ -198,7 +198,7 @@ def compiled(vs: list[torch.Tensor], repeats: int) -> None:
 
     def with_compiled() -> None:
         for v in vs:
-            for c in v.split(scratch[0].numel()):
+            for c in v.split(scratch.numel()):
                 el._count_bins(fused_c(c, 1e-3, 1e-8)[3], hist)  # the library's histogram
 
     times = interleaved_medians({"eager pass": lambda: accumulate(specs, scratch),

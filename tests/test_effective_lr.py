@@ -388,12 +388,12 @@ def test_a_nan_rate_does_not_fail_the_statistics():
 def test_the_state_is_left_alone_and_the_scratch_is_used():
     v = torch.rand(100)
     before = v.clone()
-    values, keys = make_scratch(100, v.device)
-    values.fill_(-1.0)
+    scratch = make_scratch(100, v.device)
+    scratch.fill_(-1.0)
     ext, sums = empty_partials(1, v.device)
-    accumulate_partials(root_spec(v), ext[0], sums[0], (values, keys))
+    accumulate_partials(root_spec(v), ext[0], sums[0], scratch)
     assert torch.equal(v, before)
-    assert not (values == -1.0).any()  # the work happened in the buffer the caller gave
+    assert not (scratch == -1.0).any()  # the work happened in the buffer the caller gave
 
 
 def test_a_low_precision_state_is_summarized_in_fp32():
@@ -419,7 +419,7 @@ def test_chunks_give_the_statistics_of_the_whole_tensor(monkeypatch, chunk):
     monkeypatch.setattr(el, "chunk_elements", lambda device: chunk)
     chunked = empty_partials(1, v.device)
     scratch = make_scratch(el._chunk(root_spec(v)), v.device)
-    assert scratch[0].numel() == min(chunk, 1001)  # the scratch never grows with the tensor
+    assert scratch.numel() == min(chunk, 1001)  # the scratch never grows with the tensor
     accumulate_partials(root_spec(v), chunked.ext[0], chunked.sums[0], scratch)
     assert torch.equal(chunked.ext, whole.ext) and torch.equal(chunked.sums[:, 1:], whole.sums[:, 1:])
     torch.testing.assert_close(chunked.sums[:, 0], whole.sums[:, 0], rtol=1e-6, atol=0)  # a sum in another order

@@ -96,8 +96,8 @@ def collect_allocations(monitor, opt) -> AllocatedBytes:
 def test_monitor_logging_step_memory_does_not_grow_with_the_parameters(monkeypatch):
     small = monitor_logging_step_allocations(512, monkeypatch)  # a 256K-element weight: 64 chunks
     large = monitor_logging_step_allocations(2048, monkeypatch)  # 4M elements: 1024 chunks
-    # the same two chunk-sized scratch buffers and per-parameter statistics, whatever the size of the weight; more
-    # chunks make more small temporaries, one at a time
+    # the same chunk-sized scratch buffer and block of rows, whatever the size of the weight; more chunks make more
+    # small temporaries, one at a time
     assert large.largest == small.largest
     assert large.peak == small.peak < 512 * 512 * 4  # less than one copy of even the smaller weight
 

@@ -9,7 +9,7 @@ docstrings), or the reason why it has no such rate.
 
 A :class:`RateSpec` describes one parameter's rate without computing it: ``scale``, ``eps``, and a ``fill`` that
 writes ``sqrt(u)`` for a range of elements into a buffer. :func:`rate_statistics` streams the parameters of a param
-group through two chunk-sized scratch buffers and returns the min, max, mean and median of each parameter's rate and of
+group through one chunk-sized scratch buffer and returns the min, max, mean and median of each parameter's rate and of
 the whole group's, with no host read and with memory that grows neither with the size of the largest parameter nor
 with the number of parameters.
 
@@ -401,13 +401,12 @@ def formula_for(optimizer: torch.optim.Optimizer) -> tuple[str, Formula] | None:
 def chunk_elements(device: torch.device) -> int:
     """How many elements :func:`accumulate_partials` processes at a time on ``device``.
 
-    On a CPU, chunks of 512K elements (2 MB) stay in cache across the passes over them: an 8.4M-element tensor takes
-    1.3x as long all at once as in chunks (``benchmarks/stats_pass.py``), and a logging step on a 16.8M-element
-    parameter took 2.7x as long with parameter-sized scratch buffers (BENCHMARKS.md). On an accelerator the chunks
-    are larger, to keep the number of kernel launches down; either way the scratch memory of a logging step is
-    bounded, whatever the largest parameter.
+    On a CPU, chunks of 1M elements (4 MB) stay in cache across the passes over them: an 8.4M-element tensor takes
+    1.3x as long all at once as in chunks, 512K-element chunks 1.05x as long as 1M ones, 2M as long
+    (``benchmarks/stats_pass.py``). On an accelerator the chunks are larger, to keep the number of kernel launches
+    down; either way the scratch memory of a logging step is bounded, whatever the largest parameter.
     """
-    return 1 << 19 if device.type == "cpu" else 1 << 24
+    return 1 << 20 if device.type == "cpu" else 1 << 24
 
 
 def _chunk(spec: RateSpec) -> int:
@@ -418,12 +417,10 @@ def _chunk(spec: RateSpec) -> int:
     return max(1, min(n, spec.numel))
 
 
-def make_scratch(numel: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The fp32 and int32 buffers that :func:`accumulate_partials` works in, for chunks of up to ``numel`` elements;
-    reuse them across parameters (fresh allocations each cost page faults, which on a CPU take longer than the
-    arithmetic)."""
-    n = max(1, numel)
-    return torch.empty(n, dtype=torch.float32, device=device), torch.empty(n, dtype=torch.int32, device=device)
+def make_scratch(numel: int, device: torch.device) -> Tensor:
+    """The fp32 buffer that :func:`accumulate_partials` works in, for chunks of up to ``numel`` elements; reuse it
+    across parameters (fresh allocations each cost page faults, which on a CPU take longer than the arithmetic)."""
+    return torch.empty(max(1, numel), dtype=torch.float32, device=device)
 
 
 def effective_lr(spec: RateSpec) -> Tensor:
@@ -463,9 +460,9 @@ def empty_partials(rows: int, device: torch.device) -> Partials:
     return Partials(ext, torch.zeros(rows, 2 + HIST_BINS, dtype=torch.float64, device=device))
 
 
-def accumulate_partials(spec: RateSpec, ext: Tensor, sums: Tensor, scratch: tuple[Tensor, Tensor]) -> None:
+def accumulate_partials(spec: RateSpec, ext: Tensor, sums: Tensor, scratch: Tensor) -> None:
     """Add the statistics of ``spec``'s rate into one row of partials (``ext`` of 2 values, ``sums`` of
-    ``2 + HIST_BINS``), in chunks (:func:`chunk_elements`) of the fp32 and int32 ``scratch`` (:func:`make_scratch`).
+    ``2 + HIST_BINS``), in chunks (:func:`chunk_elements`) of the fp32 ``scratch`` (:func:`make_scratch`).
 
     The histogram's bins are read straight off the bits of the fp32 rate (for non-negative floats the bit pattern
     grows with the value): its exponent and the first :data:`MANTISSA_BITS` bits of its mantissa. Nothing is read on
@@ -473,17 +470,16 @@ def accumulate_partials(spec: RateSpec, ext: Tensor, sums: Tensor, scratch: tupl
     """
     if spec.numel == 0:
         return
-    values, keys = scratch
     # below this many elements a chunk's counts go straight into the row (`index_add_`): `bincount` fills and adds
     # a count for every possible bin, ~15 us whatever the chunk (benchmarks/stats_pass.py)
     small = 1 << 14
-    step = min(_chunk(spec), values.numel() - values.numel() % spec.row)
+    step = min(_chunk(spec), scratch.numel() - scratch.numel() % spec.row)
     if step < 1:
-        raise ValueError(f"scratch of {values.numel()} elements holds no row of {spec.row}")
+        raise ValueError(f"scratch of {scratch.numel()} elements holds no row of {spec.row}")
     sums[1].add_(spec.numel)
     for start in range(0, spec.numel, step):
         n = min(step, spec.numel - start)
-        rate = values[:n]
+        rate = scratch[:n]
         spec.fill(start, start + n, rate)
         _rate_(rate, spec)
         lo, hi = torch.aminmax(rate)
@@ -491,9 +487,10 @@ def accumulate_partials(spec: RateSpec, ext: Tensor, sums: Tensor, scratch: tupl
         torch.maximum(ext[1], hi, out=ext[1])
         # torch's fp32 sum is a cascade sum, accurate to ~1e-7 without an fp64 copy
         sums[0].add_(rate.sum())
-        # clamped: a NaN rate (its sign bit set) goes to the first bin instead of failing the count
-        idx = torch.bitwise_right_shift(rate.view(torch.int32), _SHIFT, out=keys[:n]).clamp_(_FIRST_BIN_BITS,
-                                                                                           _LAST_BIN_BITS)
+        # the bin indices overwrite the rates they come from (a second buffer measured 1.05x the time, and twice
+        # the memory); clamped: a NaN rate (its sign bit set) goes to the first bin instead of failing the count
+        bits = rate.view(torch.int32)
+        idx = torch.bitwise_right_shift(bits, _SHIFT, out=bits).clamp_(_FIRST_BIN_BITS, _LAST_BIN_BITS)
         _count_bins(idx, sums[2:], None if n >= small else False)
 
 
