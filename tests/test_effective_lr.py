@@ -151,6 +151,23 @@ def test_adafactor_eps1_floor_and_eps2_floor_are_in_the_rate():
         assert torch.equal(rate, torch.full_like(rate, rate[0, 0].item()))  # alpha / eps1 for every element
 
 
+def test_adafactor_rate_with_a_tensor_lr_or_a_device_step_is_that_of_floats(monkeypatch):
+    """``min(lr, 1/sqrt(t))`` taken on tensors without reading them on the host."""
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    opt = torch.optim.Adafactor([w], lr=0.3)  # above 1/sqrt(t) for t >= 12, below it before
+    for g in grads(w.shape, 14):
+        w.grad = g.float()
+        opt.step()
+        state, group = opt.state[w], opt.param_groups[0]
+        floats = effective_lr(adafactor_rate(state, group, w))
+        tensor_lr = effective_lr(adafactor_rate(state, {**group, "lr": torch.tensor(0.3)}, w))
+        with monkeypatch.context() as m:
+            m.setattr(el, "_step", lambda state: state["step"])
+            device_step = effective_lr(adafactor_rate(state, group, w))
+        torch.testing.assert_close(tensor_lr, floats, rtol=1e-6, atol=0)
+        torch.testing.assert_close(device_step, floats, rtol=1e-6, atol=0)
+
+
 def test_adafactor_rate_built_in_chunks_of_rows_is_built_whole(monkeypatch):
     """The factored second moment made chunk by chunk (chunks of whole rows, across the matrices of a batch) equals
     torch's ``var_estimate`` of the whole parameter."""

@@ -138,6 +138,13 @@ def _sqrt(x: Scalar) -> Scalar:
     return x.sqrt() if isinstance(x, Tensor) else math.sqrt(x)
 
 
+def _minimum(a: Scalar, b: Scalar) -> Scalar:
+    """``min(a, b)`` of floats or 0-dim tensors, without reading a tensor on the host."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
+    return min(a, b)
+
+
 def _flat(t: Tensor) -> Tensor:
     """All elements of ``t`` as a 1-D view in memory order (a copy only for a tensor that is not dense).
 
@@ -302,9 +309,7 @@ def adafactor_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor) 
         return None
     eps1, eps2 = group["eps"]
     eps1 = torch.finfo(param.dtype).eps if eps1 is None else eps1
-    rho = 1 / math.sqrt(_step(state))
-    lr = group["lr"]
-    rho = lr.clamp(max=rho) if isinstance(lr, Tensor) else min(lr, rho)
+    rho = _minimum(group["lr"], 1 / _sqrt(_step(state)))
     p = param.detach()
     rms = torch.linalg.vector_norm(p, dtype=torch.promote_types(p.dtype, torch.float32)) / math.sqrt(p.numel())
     alpha = rms.clamp_(min=eps2).mul_(rho)
@@ -572,10 +577,10 @@ def rate_statistics(
     ``len(specs)`` rows, with ``per_parameter``) and of all of them together (the last row, with ``per_group``), on
     the first spec's device.
 
-    Each parameter's statistics are accumulated into a row of a block of :data:`BLOCK_ROWS` rows in chunk-sized
-    scratch buffers; a full block is summarized into four numbers per row and added into the group's row, and then
-    reused. So the memory is bounded by the block, the chunk and the output (16 bytes per row), whatever the number
-    of parameters and their sizes.
+    Each parameter's statistics are accumulated into a row of a block of :data:`BLOCK_ROWS` rows through a
+    chunk-sized scratch buffer; a full block is summarized into four numbers per row and added into the group's
+    row, and then reused. So the memory is bounded by the block, the chunk and the output (16 bytes per row),
+    whatever the number of parameters and their sizes.
 
     Parameters sharded across processes: ``shards[i]`` is ``None`` for a whole tensor, else a token naming how spec
     ``i`` is sharded. Their rows go to separate blocks (one per token), and before such a block is summarized
