@@ -46,10 +46,12 @@ def loader(n: int = 96, batch_size: int = 8) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch_size)
 
 
-class Reference(Callback):
-    """Records ``lr / (sqrt(v / (1 - beta2^t)) + eps)`` in float64 from the optimizer state after every step."""
+class RateRecorder(Callback):
+    """Records, after every step, ``rate_of(optimizer, group, param)`` (a float64 tensor) of every parameter, by
+    name, and of every param group, all its parameters' rates together, under ``{optimizer}/pg{i}``."""
 
-    def __init__(self) -> None:
+    def __init__(self, rate_of) -> None:
+        self.rate_of = rate_of
         self.per_step: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
 
     def on_fit_start(self, trainer, pl_module):
@@ -58,19 +60,24 @@ class Reference(Callback):
         def hook(opt, args, kwargs):
             step = trainer.fit_loop.epoch_loop._batches_that_stepped
             for gi, group in enumerate(opt.param_groups):
-                b2, eps, lr = group["betas"][1], group["eps"], group["lr"]
-                flat = []
-                for p in group["params"]:
-                    s = opt.state[p]
-                    v = (s["max_exp_avg_sq"] if group["amsgrad"] else s["exp_avg_sq"]).double()
-                    t = float(s["step"])
-                    ref = lr / (torch.sqrt(v / (1 - b2**t)) + eps)
-                    self.per_step[step][names[id(p)]] = ref
-                    flat.append(ref.flatten())
-                self.per_step[step][f"{type(opt).__name__}/pg{gi}"] = torch.cat(flat)
+                rates = [self.rate_of(opt, group, p) for p in group["params"]]
+                self.per_step[step].update({names[id(p)]: r for p, r in zip(group["params"], rates)})
+                self.per_step[step][f"{type(opt).__name__}/pg{gi}"] = torch.cat([r.flatten() for r in rates])
 
         for opt in trainer.optimizers:
             opt.register_step_post_hook(hook)
+
+
+def adam_reference_rate(opt, group, p) -> torch.Tensor:
+    """``lr / (sqrt(v / (1 - beta2^t)) + eps)`` in float64 from Adam's state, as the README states it."""
+    s = opt.state[p]
+    v = (s["max_exp_avg_sq"] if group["amsgrad"] else s["exp_avg_sq"]).double()
+    return group["lr"] / (torch.sqrt(v / (1 - group["betas"][1] ** float(s["step"]))) + group["eps"])
+
+
+def formula_rate(opt, group, p) -> torch.Tensor:
+    """The library's formula for the optimizer (each checked against its real update in test_effective_lr.py)."""
+    return effective_lr(formula_for(opt)[1].spec(opt.state[p], group, p)).double()
 
 
 def make_trainer(logger, callbacks: list, max_steps: int, log_every_n_steps: int) -> L.Trainer:
@@ -110,7 +117,7 @@ CONFIGS = {
 @pytest.mark.parametrize("scheduler", [False, True], ids=["const_lr", "steplr"])
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_logged_statistics_match_reference_at_every_logged_step(tmp_path, config, scheduler):
-    ref = Reference()
+    ref = RateRecorder(adam_reference_rate)
     trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor(), ref], max_steps=12, log_every_n_steps=3)
     trainer.fit(Net(CONFIGS[config], scheduler), loader())
     logged = read_metrics(str(tmp_path))
@@ -135,28 +142,6 @@ def test_logged_statistics_match_reference_at_every_logged_step(tmp_path, config
         assert lrs[0].max() > lrs[-1].max()
 
 
-class FormulaReference(Callback):
-    """Records, after every step, the elementwise rate of each parameter by the library's formula for its
-    optimizer (each formula is checked against the optimizer's real update in test_effective_lr.py)."""
-
-    def __init__(self) -> None:
-        self.per_step: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
-
-    def on_fit_start(self, trainer, pl_module):
-        names = {id(p): n for n, p in pl_module.named_parameters()}
-
-        def hook(opt, args, kwargs):
-            step = trainer.fit_loop.epoch_loop._batches_that_stepped
-            spec_of = formula_for(opt)[1].spec
-            for gi, group in enumerate(opt.param_groups):
-                rates = [effective_lr(spec_of(opt.state[p], group, p)).double() for p in group["params"]]
-                self.per_step[step].update({names[id(p)]: r for p, r in zip(group["params"], rates)})
-                self.per_step[step][f"{type(opt).__name__}/pg{gi}"] = torch.cat(rates)
-
-        for opt in trainer.optimizers:
-            opt.register_step_post_hook(hook)
-
-
 OTHER_OPTIMIZERS = {
     "nadam": lambda m: torch.optim.NAdam(m.parameters(), lr=1e-2),
     "radam": lambda m: torch.optim.RAdam(m.parameters(), lr=1e-2, betas=(0.9, 0.95)),  # rectified from step 6
@@ -171,7 +156,7 @@ OTHER_OPTIMIZERS = {
 def test_every_adaptive_optimizer_is_logged_with_exact_statistics_of_its_rate(tmp_path, config):
     """The logged statistics of each parameter and group equal the exact ones (sorted median, fp64 mean) of the
     per-element rate at the step they describe, for the optimizers beyond Adam."""
-    ref = FormulaReference()
+    ref = RateRecorder(formula_rate)
     trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor(), ref], max_steps=8, log_every_n_steps=4)
     trainer.fit(Net(OTHER_OPTIMIZERS[config]), loader())
     logged = read_metrics(str(tmp_path))
