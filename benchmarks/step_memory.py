@@ -4,8 +4,9 @@ Counts the bytes of every tensor created during one training step (forward, back
 callback hooks) with a ``TorchDispatchMode``, on any device; on CUDA also reports the peak allocated memory of the
 step (``torch.cuda.max_memory_allocated``). A parameter-sized buffer made by a callback would show up as a
 difference of ``4 * n_params`` bytes or more against AdamW. The measured step does not log, except in the last row:
-a logging step of EffectiveLRMonitor, whose scratch memory is bounded by its chunk size, not by the parameters'
-(try ``--width 4096 --depth 1``: one 16.8M-element weight).
+a logging step of EffectiveLRMonitor, whose memory is bounded by its chunk size and its blocks of rows, not by the
+parameters' sizes or number (try ``--width 4096 --depth 1``: one 16.8M-element weight; ``--width 16 --depth 1000``:
+2,000 small tensors).
 
     python benchmarks/step_memory.py               # CPU (or --device cuda)
 """
@@ -29,12 +30,13 @@ from lightning_wd import EffectiveLRMonitor, WeightDecay
 
 
 class CreatedBytes(TorchDispatchMode):
-    """The bytes of the tensors created under the mode (``total``), and the most of them alive at once (``peak``):
-    a storage's Python object lives exactly as long as the storage, so a finalizer on it sees the storage freed."""
+    """The bytes of the tensors created under the mode (``total``), the largest of them (``largest``), and the most
+    of them alive at once (``peak``): a storage's Python object lives exactly as long as the storage, so a finalizer
+    on it sees the storage freed."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.total = self.live = self.peak = 0
+        self.total = self.live = self.peak = self.largest = 0
         self._seen: weakref.WeakSet = weakref.WeakSet()
 
     def _freed(self, nbytes: int) -> None:
@@ -48,6 +50,7 @@ class CreatedBytes(TorchDispatchMode):
                     storage = t.untyped_storage()
                     self._seen.add(storage)
                     self.total += storage.nbytes()
+                    self.largest = max(self.largest, storage.nbytes())
                     self.live += storage.nbytes()
                     self.peak = max(self.peak, self.live)
                     weakref.finalize(storage, self._freed, storage.nbytes())
@@ -58,7 +61,7 @@ class MeasureStep(L.Callback):
     """Measures training step ``index`` (a non-logging step) from its start to its end."""
 
     def __init__(self, index: int) -> None:
-        self.index, self.mode, self.created, self.live_peak, self.peak = index, None, 0, 0, 0
+        self.index, self.mode, self.created, self.largest, self.live_peak, self.peak = index, None, 0, 0, 0, 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == self.index:
@@ -71,7 +74,7 @@ class MeasureStep(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if batch_idx == self.index:
             self.mode.__exit__(None, None, None)
-            self.created, self.live_peak = self.mode.total, self.mode.peak
+            self.created, self.largest, self.live_peak = self.mode.total, self.mode.largest, self.mode.peak
             if pl_module.device.type == "cuda":
                 self.peak = torch.cuda.max_memory_allocated()
 
@@ -95,8 +98,8 @@ def main() -> None:
     n = args.width * (args.width + 1) * args.depth
     print(f"device={args.device} model={args.depth}x Linear({args.width}) = {n:,} params"
           f" ({4 * n / 2**20:.1f} MiB of fp32 weights); step 5 of 8, log_every_n_steps=50 (a non-logging step)")
-    print(f"{'configuration':44s} {'created MiB':>12s} {'vs AdamW':>10s} {'peak live MiB':>14s} {'vs AdamW':>10s}"
-          f" {'CUDA peak MiB':>14s}")
+    print(f"{'configuration':44s} {'created MiB':>12s} {'vs AdamW':>10s} {'largest MiB':>12s} {'peak live MiB':>14s}"
+          f" {'vs AdamW':>10s} {'CUDA peak MiB':>14s}")
     ref = ref_peak = None
     log_dir = tempfile.mkdtemp()
     for name, (cls, callbacks) in configs.items():
@@ -112,7 +115,8 @@ def main() -> None:
         ref_peak = measure.live_peak if ref_peak is None else ref_peak
         peak = f"{measure.peak / 2**20:14.1f}" if args.device == "cuda" else f"{'n/a':>14s}"
         print(f"{name:44s} {measure.created / 2**20:12.1f} {(measure.created - ref) / 2**20:+10.1f}"
-              f" {measure.live_peak / 2**20:14.1f} {(measure.live_peak - ref_peak) / 2**20:+10.1f} {peak}")
+              f" {measure.largest / 2**20:12.2f} {measure.live_peak / 2**20:14.1f}"
+              f" {(measure.live_peak - ref_peak) / 2**20:+10.1f} {peak}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""Adam vs AMSGrad: the effective learning rate that each really applies, as logged by ``EffectiveLRMonitor``.
+"""Adam vs AMSGrad vs RMSprop: the effective learning rate that each really applies, as logged by
+``EffectiveLRMonitor``.
 
-Trains the digits MLP of ``examples/digits`` twice with the Lightning ``Trainer`` (constant lr, so that what moves is
-Adam's second-moment estimate ``v``, not a schedule), once with ``torch.optim.Adam`` and once with
-``Adam(amsgrad=True)``; ``EffectiveLRMonitor`` logs ``lr / (sqrt(v_hat) + eps)`` to a ``CSVLogger`` every few steps.
-The script then reads the monitor's ``metrics.csv`` back and plots, on a log scale, the param-group min / median /
-mean / max and the median of each weight matrix over the steps::
+Trains the digits MLP of ``examples/digits`` three times with the Lightning ``Trainer`` (constant lr, so that what
+moves is the optimizer's second-moment estimate, not a schedule): with ``torch.optim.Adam``, ``Adam(amsgrad=True)``
+and ``torch.optim.RMSprop``, all at the same lr. ``EffectiveLRMonitor`` logs each one's per-element rate (Adam's
+``lr / (sqrt(v_hat) + eps)``, RMSprop's ``lr / (sqrt(square_avg) + eps)``) to a ``CSVLogger`` every few steps. The
+script then reads the monitor's ``metrics.csv`` back and plots, on a log scale, one panel per optimizer: the
+param-group min / median / mean / max and the median of each weight matrix over the steps::
 
     python examples/effective_lr_plot.py              # writes examples/figures/effective_lr_adam_vs_amsgrad.png
     python examples/effective_lr_plot.py --epochs 20  # quicker (AMSGrad and Adam still look alike)
@@ -19,6 +21,7 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.loggers import CSVLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "digits"))
@@ -27,7 +30,16 @@ from digits import DigitsClassifier, DigitsDataModule, limit_threads  # noqa: E4
 from lightning_wd import EffectiveLRMonitor  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-OPTIMIZERS = ("adam", "amsgrad")
+#: name -> (the optimizer's class name, under which the monitor logs its param groups; the panel's title)
+OPTIMIZERS = {"adam": ("Adam", "Adam"), "amsgrad": ("Adam", "AMSGrad (Adam, amsgrad=True)"),
+              "rmsprop": ("RMSprop", "RMSprop")}
+
+
+class RMSpropDigits(DigitsClassifier):
+    """The digits classifier with ``torch.optim.RMSprop`` (torch's defaults but the lr: alpha 0.99, eps 1e-8)."""
+
+    def configure_optimizers(self):
+        return torch.optim.RMSprop(self.parameters(), lr=self.hparams.lr)
 
 
 def train(optimizer: str, epochs: int, lr: float, every: int, save_dir: Path) -> Path:
@@ -39,7 +51,10 @@ def train(optimizer: str, epochs: int, lr: float, every: int, save_dir: Path) ->
         accelerator="cpu", max_epochs=epochs, logger=logger, log_every_n_steps=every, enable_checkpointing=False,
         enable_model_summary=False, callbacks=[EffectiveLRMonitor(log_every_n_steps=every)],
     )
-    model = DigitsClassifier(lr=lr, optimizer=optimizer, cosine=False)
+    if optimizer == "rmsprop":
+        model = RMSpropDigits(lr=lr, cosine=False)
+    else:
+        model = DigitsClassifier(lr=lr, optimizer=optimizer, cosine=False)
     trainer.fit(model, DigitsDataModule(batch_size=64))
     return Path(logger.log_dir) / "metrics.csv"
 
@@ -58,38 +73,32 @@ def read_series(path: Path, prefix: str) -> dict[str, tuple[list[int], list[floa
 
 
 def plot(csvs: dict[str, Path], lr: float, path: Path) -> None:
-    """Left: the param group's min/median/mean/max per optimizer; right: the median of each weight matrix."""
+    """One panel per optimizer: the param group's min/median/mean/max, and the median of each weight matrix."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_g, ax_p) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colours = {"adam": "tab:blue", "amsgrad": "tab:orange"}
-    labels = {"adam": "Adam", "amsgrad": "AMSGrad"}
-    styles = {"adam": "-", "amsgrad": "--"}
-    for name, csv_path in csvs.items():
-        # AMSGrad is torch.optim.Adam(amsgrad=True): the monitor logs both under "Adam"
-        g = {k.rsplit("/", 1)[1]: v for k, v in read_series(csv_path, "effective_lr/Adam/pg0/").items()}
-        c, label = colours[name], labels[name]
+    fig, axes = plt.subplots(1, len(csvs), figsize=(5 * len(csvs), 4.2), sharey=True)
+    for ax, (name, csv_path) in zip(axes, csvs.items()):
+        cls, title = OPTIMIZERS[name]
+        g = {k.rsplit("/", 1)[1]: v for k, v in read_series(csv_path, f"effective_lr/{cls}/pg0/").items()}
         steps = g["min"][0]
-        ax_g.fill_between(steps, g["min"][1], g["max"][1], color=c, alpha=0.08, lw=0)
-        for stat, ls, lw in (("max", ":", 1), ("mean", "-.", 1), ("median", "-", 2), ("min", ":", 1)):
-            ax_g.plot(steps, g[stat][1], color=c, ls=ls, lw=lw, label=f"{label} {stat}")
+        ax.fill_between(steps, g["min"][1], g["max"][1], color="grey", alpha=0.12, lw=0, label="group min to max")
+        for stat, ls, lw in (("max", ":", 1), ("mean", "-.", 1), ("median", "-", 2.5), ("min", ":", 1)):
+            ax.plot(steps, g[stat][1], color="black", ls=ls, lw=lw, label=f"group {stat}")
         params = read_series(csv_path, "effective_lr/net.")
         for i, key in enumerate(k for k in sorted(params) if k.endswith("weight/median")):
-            ax_p.plot(*params[key], color=f"C{i + 2}", ls=styles[name], lw=1.5, label=f"{label} {key.split('/')[1]}")
-    for ax in (ax_g, ax_p):
+            ax.plot(*params[key], color=f"C{i}", lw=1.5, label=f"{key.split('/')[1]} median")
         ax.set_yscale("log")
-        ax.axhline(lr, color="grey", lw=0.8)
+        ax.axhline(lr, color="tab:red", lw=0.8, label=f"lr = {lr:g}")
         ax.set_xlabel("optimizer step")
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, which="both", lw=0.4)
-    ax_g.set_ylabel("effective lr = lr / (sqrt(v_hat) + eps)")
-    ax_g.set_title("all parameters (one param group): min, median, mean, max", fontsize=9)
-    ax_p.set_title(f"median of each weight matrix (grey line: lr = {lr:g})", fontsize=9)
-    ax_g.legend(fontsize=7, ncol=2, loc="center right")
-    ax_p.legend(fontsize=7, ncol=2)
-    fig.suptitle("Digits MLP, constant lr: Adam vs AMSGrad, logged by lightning_wd.EffectiveLRMonitor", fontsize=10)
+    axes[0].set_ylabel("effective lr (per element)")
+    axes[0].legend(fontsize=7, ncol=2, loc="lower right")
+    fig.suptitle("Digits MLP, constant lr: the effective lr of each element, logged by lightning_wd.EffectiveLRMonitor",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -328,14 +328,29 @@ def _monitor_run(inputs: dict, make_strategy) -> dict:
             for opt in trainer.optimizers:
                 opt.register_step_post_hook(hook)
 
+    import lightning_wd.effective_lr as el
+    import lightning_wd.effective_lr_monitor as elm
+
     Module = _module_class()
     module = Module(inputs["init"], "Adam", inputs["lr"], inputs["wd"], fsdp=True)
     logger, reference = Recording(), Reference()
     trainer = _trainer(make_strategy(), [EffectiveLRMonitor(log_every_n_steps=1), reference],
                        max_steps=inputs["steps"])
     trainer.logger = logger
-    trainer.fit(module, _loader(inputs))
-    return {"logged": logger.calls, "reference": reference.per_step}
+    # blocks of 3 rows: the 4 sharded parameters take two reductions per step, a full block and a partial one
+    blocks: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    real_reduce, real_rows = elm._all_reduce, el.BLOCK_ROWS
+
+    def recording_reduce(partials, groups):
+        blocks.append((tuple(partials.ext.shape), tuple(partials.sums.shape)))
+        real_reduce(partials, groups)
+
+    elm._all_reduce, el.BLOCK_ROWS = recording_reduce, 3
+    try:
+        trainer.fit(module, _loader(inputs))
+    finally:
+        elm._all_reduce, el.BLOCK_ROWS = real_reduce, real_rows
+    return {"logged": logger.calls, "reference": reference.per_step, "blocks": blocks}
 
 
 def _weight_norm_run(inputs: dict, make_strategy) -> dict:

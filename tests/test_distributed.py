@@ -370,12 +370,15 @@ def test_fsdp2_checkpoint_resume_equals_uninterrupted_run(fsdp2, tmp_path):
 
 def test_fsdp2_effective_lr_statistics_are_over_whole_parameters(fsdp2):
     """EffectiveLRMonitor under FSDP2: the statistics are those of the whole parameter (exact min/max/mean, the
-    histogram median within its documented bound), every rank took part (rank 1 holds an empty shard of the output
-    layer and nothing hung), and only rank 0 sent anything to the loggers."""
-    from lightning_wd.effective_lr import histogram_median_rel_error
+    histogram median within its documented bound), every rank took part in the same reductions of the same blocks
+    (rank 1 holds an empty shard of the output layer and nothing hung), and only rank 0 sent anything to the
+    loggers."""
+    from lightning_wd.effective_lr import HIST_BINS, histogram_median_rel_error
 
     r0, r1 = (res["monitor"] for res in fsdp2["ranks"])
     assert r1["logged"] == []
+    # the same reductions, in blocks of the same sizes, on both ranks: a block of 3 rows and one of 1 per step
+    assert r0["blocks"] == r1["blocks"] == [((3, 2), (3, 2 + HIST_BINS)), ((1, 2), (1, 2 + HIST_BINS))] * STEPS
     assert [step for step, _ in r0["logged"]] == list(range(STEPS))
     whole = {s: {k: v for k, v in ref.items() if not k.startswith("local:")} for s, ref in r0["reference"].items()}
     assert whole == {s: {k: v for k, v in ref.items() if not k.startswith("local:")}

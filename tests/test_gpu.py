@@ -144,9 +144,11 @@ def test_decay_pass_is_batched_into_few_kernel_launches():
 
 @pytest.mark.parametrize("impl", [{"foreach": True}, {"fused": True}, {"capturable": True}], ids=str)
 @pytest.mark.parametrize("amsgrad", [False, True])
-def test_cuda_monitor_partials_match_the_cpu_and_do_not_sync(impl, amsgrad):
+def test_cuda_monitor_statistics_match_the_cpu_and_do_not_sync(impl, amsgrad):
     """The accelerator path of the statistics (``index_add_`` into fixed bins, a device-side step for fused and
-    capturable Adam, chunks) gives the CPU's partials, without a host-device sync."""
+    capturable Adam, chunks, the summary) gives the CPU's, without a host-device sync."""
+    import dataclasses
+
     import lightning_wd.effective_lr as el
 
     torch.manual_seed(0)
@@ -161,16 +163,27 @@ def test_cuda_monitor_partials_match_the_cpu_and_do_not_sync(impl, amsgrad):
         state = opt.state[p]
         torch.cuda.set_sync_debug_mode("error")
         try:
-            gpu = el.adam_partial_stats(state, group, el.make_scratch(1000, p.device)).cpu()  # 1000: several chunks
+            spec = el.adam_rate(state, group, p)
+            gpu = el.empty_partials(1, p.device)
+            el.accumulate_partials(spec, gpu.ext[0], gpu.sums[0], el.make_scratch(1000, p.device))  # several chunks
+            gpu_stats = el.summarize_partials(*gpu)
+            whole_stats = el.rate_statistics([spec])
         finally:
             torch.cuda.set_sync_debug_mode(0)
-        v = state["max_exp_avg_sq" if amsgrad else "exp_avg_sq"]
-        # v_hat from the library's own division on the device (CUDA divides by a host scalar through its
-        # reciprocal, a CPU does not), then summarized on the CPU by the bincount path, whole
-        bc2 = el._bias_correction2(group["betas"][1], el._step(state), p.device)
-        cpu = el.partial_stats(torch.div(v, bc2).cpu(), group["eps"])
-        assert torch.equal(gpu[[0, 1, 3]], cpu[[0, 1, 3]]) and torch.equal(gpu[4:], cpu[4:])
-        torch.testing.assert_close(gpu[2], cpu[2])  # a sum in another order
+        # the same scalars and the same v on the CPU, summarized by the bincount path, whole
+        v = state["max_exp_avg_sq" if amsgrad else "exp_avg_sq"].cpu()
+        def on_cpu(x):
+            return x.cpu() if isinstance(x, torch.Tensor) else x
+
+        cpu_spec = dataclasses.replace(spec, scale=on_cpu(spec.scale), eps=on_cpu(spec.eps),
+                                       device=torch.device("cpu"), fill=el._root_fill(v))
+        cpu = el.empty_partials(1, torch.device("cpu"))
+        el.accumulate_partials(cpu_spec, cpu.ext[0], cpu.sums[0], el.make_scratch(v.numel(), torch.device("cpu")))
+        assert torch.equal(gpu.ext.cpu(), cpu.ext) and torch.equal(gpu.sums[:, 1:].cpu(), cpu.sums[:, 1:])
+        torch.testing.assert_close(gpu.sums[:, 0].cpu(), cpu.sums[:, 0])  # a sum in another order
+        cpu_stats = el.summarize_partials(*cpu)
+        assert torch.equal(gpu_stats.cpu()[:, [0, 1, 3]], cpu_stats[:, [0, 1, 3]])
+        assert torch.equal(whole_stats[0].cpu()[[0, 1, 3]], cpu_stats[0, [0, 1, 3]])
 
 
 LOW_BIT = {

@@ -84,16 +84,48 @@ def monitor_logging_step_allocations(width: int, monkeypatch) -> AllocatedBytes:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model(torch.randn(4, width)).sum().backward()
     opt.step()
-    monitor = EffectiveLRMonitor()
+    return collect_allocations(EffectiveLRMonitor(), opt)
+
+
+def collect_allocations(monitor, opt) -> AllocatedBytes:
+    from lightning_wd.effective_lr import formula_for
+
+    formula = formula_for(opt)[1]
     with AllocatedBytes() as counter, torch.no_grad():
-        monitor._collect("Adam", opt)  # what the monitor's step hook does on a logging step
+        monitor._collect("Adam", opt, formula)  # what the monitor's step hook does on a logging step
     return counter
 
 
 def test_monitor_logging_step_memory_does_not_grow_with_the_parameters(monkeypatch):
     small = monitor_logging_step_allocations(512, monkeypatch)  # a 256K-element weight: 64 chunks
     large = monitor_logging_step_allocations(2048, monkeypatch)  # 4M elements: 1024 chunks
-    # the same two chunk-sized scratch buffers and per-parameter statistics, whatever the size of the weight; more
-    # chunks make more small temporaries, one at a time
+    # the same chunk-sized scratch buffer and block of rows, whatever the size of the weight; more chunks make more
+    # small temporaries, one at a time
     assert large.largest == small.largest
     assert large.peak == small.peak < 512 * 512 * 4  # less than one copy of even the smaller weight
+
+
+def many_parameters_logging_step(n: int, per_parameter: bool) -> AllocatedBytes:
+    from lightning_wd import EffectiveLRMonitor
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(64)) for _ in range(n)]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn(64)
+    opt.step()
+    return collect_allocations(EffectiveLRMonitor(per_parameter=per_parameter), opt)
+
+
+def test_monitor_logging_step_memory_does_not_grow_with_the_number_of_parameters():
+    """2,000 parameters against 200: the statistics go through the same blocks of rows and the same scratch. The
+    largest tensor is the same, and so is the peak, but for the logged numbers themselves (4 fp32 per parameter)."""
+    groups_only = {n: many_parameters_logging_step(n, per_parameter=False) for n in (200, 2000)}
+    assert groups_only[2000].largest == groups_only[200].largest
+    assert groups_only[2000].peak == groups_only[200].peak
+    each = {n: many_parameters_logging_step(n, per_parameter=True) for n in (200, 2000)}
+    assert each[2000].largest == each[200].largest == groups_only[200].largest
+    assert each[2000].peak - each[200].peak == (2000 - 200) * 4 * 4
+    # one block of rows of partials (16 x 13,314 fp64, 1.6 MiB) is the largest; before the statistics were
+    # streamed, every parameter's row was alive at once (2,000 x 70 KB)
+    assert each[2000].peak < 4 * 2**20

@@ -1,21 +1,40 @@
-"""Adam's effective learning rate, and the statistics that summarize it, as plain torch functions.
+"""Effective learning rates of adaptive optimizers, and the statistics that summarize them, as plain torch functions.
 
-Adam's update is ``p -= lr * m_hat / (sqrt(v_hat) + eps)`` with ``m_hat = m / (1 - beta1^t)`` and
-``v_hat = v / (1 - beta2^t)``; for AMSGrad ``v`` is the running maximum ``max_exp_avg_sq``. The effective learning
-rate of each element is the factor that multiplies ``m_hat``: ``lr / (sqrt(v_hat) + eps)``.
+An adaptive optimizer moves each element of a parameter by ``rate * m``: ``m`` is the element's bias-corrected first
+moment (Adam's ``m_hat``), or its gradient where the optimizer keeps no first moment, and ``rate``, the element's
+*effective learning rate*, has the form ``scale / (sqrt(u) + eps)``, with ``u`` a second-moment estimate and
+``scale``, ``eps`` scalars. :data:`FORMULAS` holds, for each torch optimizer, the function that reads one parameter's
+``scale``, ``eps`` and ``u`` from its optimizer state and param group (the formulas are in those functions'
+docstrings), or the reason why it has no such rate.
+
+A :class:`RateSpec` describes one parameter's rate without computing it: ``scale``, ``eps``, and a ``fill`` that
+writes ``sqrt(u)`` for a range of elements into a buffer. :func:`rate_statistics` streams the parameters of a param
+group through one chunk-sized scratch buffer and returns the min, max, mean and median of each parameter's rate and of
+the whole group's, with no host read and with memory that grows neither with the size of the largest parameter nor
+with the number of parameters.
 
 Example::
 
     >>> import torch
-    >>> v = torch.tensor([1e-4, 1e-8])
-    >>> adam_effective_lr(v, step=1, lr=1e-3, beta2=0.0, eps=1e-8)  # beta2=0: v_hat = v
-    tensor([0.1000, 9.9990])
+    >>> w = torch.nn.Parameter(torch.zeros(3))
+    >>> opt = torch.optim.Adam([w], lr=1e-3)
+    >>> w.grad = torch.tensor([1e-4, 1e-2, 1.0])
+    >>> opt.step()
+    >>> spec = adam_rate(opt.state[w], opt.param_groups[0], w)
+    >>> [round(x, 4) for x in effective_lr(spec).tolist()]  # after one step v_hat = grad**2: lr / (|grad| + eps)
+    [9.999, 0.1, 0.001]
+    >>> w_stats, group_stats = rate_statistics([spec])  # [min, max, mean, median] of w, then of its param group
+    >>> [round(x, 4) for x in w_stats.tolist()]  # the median from a histogram: within 0.39% of 0.1
+    [0.001, 9.999, 3.3667, 0.0999]
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+import sys
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -23,221 +42,610 @@ from torch import Tensor
 #: the statistics logged for every parameter, in this order
 STATS: tuple[str, ...] = ("min", "max", "mean", "median")
 
-#: the histogram of v_hat behind the median: ``2**MANTISSA_BITS`` bins per power of two of v_hat, over
-#: ``2**V_HAT_EXPONENTS[0] <= v_hat < 2**V_HAT_EXPONENTS[1]`` (values outside go to the end bins)
-MANTISSA_BITS: int = 6
-V_HAT_EXPONENTS: tuple[int, int] = (-100, 40)
-HIST_BINS: int = (V_HAT_EXPONENTS[1] - V_HAT_EXPONENTS[0]) << MANTISSA_BITS
-_FIRST_BIN_BITS = (V_HAT_EXPONENTS[0] + 127) << MANTISSA_BITS  # fp32 bits of 2**lo, shifted like the bin index
-_LAST_BIN_BITS = _FIRST_BIN_BITS + HIST_BINS - 1
+#: the histogram of the rate behind the median: ``2**MANTISSA_BITS`` bins per power of two of the rate, over
+#: ``2**RATE_EXPONENTS[0] <= rate < 2**RATE_EXPONENTS[1]`` (rates outside go to the end bins)
+MANTISSA_BITS: int = 7
+RATE_EXPONENTS: tuple[int, int] = (-64, 40)
+HIST_BINS: int = (RATE_EXPONENTS[1] - RATE_EXPONENTS[0]) << MANTISSA_BITS
 _SHIFT = 23 - MANTISSA_BITS
+_FIRST_BIN_BITS = (RATE_EXPONENTS[0] + 127) << MANTISSA_BITS  # fp32 bits of 2**lo, shifted like a bin index
+_LAST_BIN_BITS = _FIRST_BIN_BITS + HIST_BINS - 1
+
+#: how many parameters' partial statistics :func:`rate_statistics` holds at a time (and reduces per collective)
+BLOCK_ROWS: int = 16
 
 __all__ = [
+    "BLOCK_ROWS",
+    "FORMULAS",
     "HIST_BINS",
     "MANTISSA_BITS",
+    "RATE_EXPONENTS",
     "STATS",
-    "V_HAT_EXPONENTS",
-    "adam_effective_lr",
-    "adam_partial_stats",
+    "Formula",
+    "Partials",
+    "RateSpec",
+    "accumulate_partials",
+    "adafactor_rate",
+    "adagrad_rate",
+    "adam_rate",
+    "adamax_rate",
     "chunk_elements",
-    "combine_partials",
-    "effective_lr_from_state",
+    "effective_lr",
+    "empty_partials",
+    "formula_for",
     "histogram_median_rel_error",
     "make_scratch",
-    "partial_stats",
-    "stats_from_partials",
+    "radam_rate",
+    "rate_statistics",
+    "rmsprop_rate",
+    "sparse_adam_rate",
+    "summarize_partials",
 ]
 
+Scalar = float | Tensor
 
-def adam_effective_lr(
-    v: Tensor,
-    step: float | Tensor,
-    lr: float | Tensor,
-    beta2: float,
-    eps: float,
-) -> Tensor:
-    """``lr / (sqrt(v / (1 - beta2^step)) + eps)``, computed in the order torch's Adam computes its denominator.
+
+@dataclass(frozen=True)
+class RateSpec:
+    """The effective learning rate ``scale / (sqrt(u) + eps)`` of each element of one parameter.
 
     Args:
-        v: ``exp_avg_sq`` (or ``max_exp_avg_sq`` for AMSGrad).
-        step: the optimizer step count ``t`` after the update (a float, or a tensor on any device).
-        lr: the learning rate that the update used.
-        beta2, eps: the group's hyperparameters.
-    """
-    bias_correction2 = _bias_correction2(beta2, step, v.device)
-    if isinstance(bias_correction2, Tensor):
-        denom = v.sqrt().div_(bias_correction2.sqrt()).add_(eps)
-    else:
-        denom = v.sqrt().div_(math.sqrt(bias_correction2)).add_(eps)
-    # in place, and `reciprocal_().mul_(lr)` rather than `lr / denom`: scalar / tensor is a slow kernel on CPU
-    # (3x the whole computation); the result differs from `lr / denom` by at most an ulp
-    return denom.reciprocal_().mul_(lr)
-
-
-def effective_lr_from_state(state: dict[str, Any], group: dict[str, Any], lr: float | Tensor | None = None) -> Tensor:
-    """The effective lr of one parameter of a ``torch.optim.Adam``/``AdamW`` from its state and param group."""
-    v = _second_moment(state, group)
-    return adam_effective_lr(v, _step(state), group["lr"] if lr is None else lr, group["betas"][1], group["eps"])
-
-
-def adam_partial_stats(
-    state: dict[str, Any],
-    group: dict[str, Any],
-    scratch: tuple[Tensor, Tensor] | None = None,
-) -> Tensor:
-    """:func:`partial_stats` of one ``torch.optim.Adam``/``AdamW`` parameter, from its state and param group
-    (``max_exp_avg_sq`` under AMSGrad); ``scratch`` as made by :func:`make_scratch`."""
-    v = _second_moment(state, group)
-    bias_correction2 = _bias_correction2(group["betas"][1], _step(state), v.device)
-    return partial_stats(v, group["eps"], bias_correction2, scratch)
-
-
-def _second_moment(state: dict[str, Any], group: dict[str, Any]) -> Tensor:
-    """The ``v`` that Adam divides by: ``max_exp_avg_sq`` under AMSGrad, else ``exp_avg_sq``."""
-    return state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
-
-
-def _bias_correction2(beta2: float, step: float | Tensor, device: torch.device) -> float | Tensor:
-    """``1 - beta2^step``: a float for a host step, an fp32 tensor on ``device`` for a device step (no sync)."""
-    if isinstance(step, Tensor):
-        return (1 - torch.pow(beta2, step.to(device, torch.float64))).to(torch.float32)
-    return 1 - beta2**step
-
-
-def _step(state: dict[str, Any]) -> float | Tensor:
-    step = state["step"]
-    if isinstance(step, Tensor) and step.device.type == "cpu":
-        return float(step)  # a CPU scalar: reading it costs no device sync
-    return step
-
-
-def chunk_elements(device: torch.device) -> int:
-    """How many elements :func:`partial_stats` processes at a time on ``device``.
-
-    On a CPU, chunks of 512K elements (2 MB) stay in cache across the passes over them: an 8.4M-element tensor takes
-    1.3x as long all at once as in chunks (``benchmarks/stats_pass.py``), and a logging step on a 16.8M-element
-    parameter took 2.7x as long with parameter-sized scratch buffers (BENCHMARKS.md). On an accelerator the chunks
-    are larger, to keep the number of kernel launches down; either way the scratch memory of a logging step is
-    bounded, whatever the largest parameter.
-    """
-    return 1 << 19 if device.type == "cpu" else 1 << 24
-
-
-def make_scratch(numel: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The fp32 and int32 buffers that :func:`partial_stats` works in, for tensors of up to ``numel`` elements;
-    reuse them across tensors (fresh allocations each cost page faults, which on a CPU take longer than the
-    arithmetic)."""
-    n = max(1, min(numel, chunk_elements(device)))
-    return torch.empty(n, dtype=torch.float32, device=device), torch.empty(n, dtype=torch.int32, device=device)
-
-
-def partial_stats(
-    v: Tensor,
-    eps: float,
-    bias_correction2: float | Tensor = 1.0,
-    scratch: tuple[Tensor, Tensor] | None = None,
-) -> Tensor:
-    """Statistics of ``1 / (sqrt(v_hat) + eps)``, ``v_hat = v / bias_correction2``, that add up across shards, as
-    one fp64 row: ``[min v_hat, max v_hat, sum of 1 / (sqrt(v_hat) + eps), count, hist_0, ..., hist_{HIST_BINS-1}]``.
-
-    Multiplied by the lr, ``1 / (sqrt(v_hat) + eps)`` is the effective lr; since it falls as ``v_hat`` grows, its
-    min and max come from the max and min of ``v_hat``, and its median from a histogram of ``v_hat``, whose bins
-    are read straight off the bits of the fp32 numbers (for non-negative floats the bit pattern grows with the
-    value): the exponent and the first :data:`MANTISSA_BITS` bits of the mantissa. Only the sum needs the
-    elementwise map. Rows of shards combine with min, max and sums (:func:`combine_partials`, or one ``all_reduce``
-    per operation across processes); an empty ``v`` gives the identities. Nothing is read on the host and ``v`` is
-    left alone: ``v_hat`` is computed in fp32 in ``scratch`` (:func:`make_scratch`, made here when not given),
-    :func:`chunk_elements` at a time.
+        scale, eps: Python floats or 0-dim tensors (on the state's device, or CPU); never read on the host.
+        numel: the number of elements.
+        fill: ``fill(start, stop, out)`` writes ``sqrt(u)`` of the elements ``start:stop`` (in the order of the
+            state's memory, which is all the statistics need) into the fp32 tensor ``out`` of ``stop - start``
+            elements. It writes the root rather than ``u`` so that for Adam the read of the state and the square
+            root are one pass (``torch.sqrt(v, out=...)``), and Adamax's ``exp_inf`` goes in as it is.
+        device: where the state lives and the work happens.
+        row: ``fill`` is only asked for whole rows of this many elements (Adafactor's factored second moment is
+            built row by row).
 
     Example::
 
-        >>> v_hat = torch.tensor([1e-4, 4e-4, 1e-2])
-        >>> row = partial_stats(v_hat, eps=0.0)
-        >>> row[:4].tolist()  # min, max, sum of 1 / sqrt(v_hat) = 100 + 50 + 10, count
-        [9.999999747378752e-05, 0.009999999776482582, 160.0, 3.0]
+        >>> v = torch.tensor([4.0, 16.0])
+        >>> spec = RateSpec(1e-2, 0.0, 2, lambda a, b, out: torch.sqrt(v[a:b], out=out), v.device)
+        >>> effective_lr(spec)
+        tensor([0.0050, 0.0025])
     """
-    x = v.detach().flatten()
-    out = torch.zeros(4 + HIST_BINS, dtype=torch.float64, device=x.device)
-    if x.numel() == 0:
-        out[0], out[1] = float("inf"), float("-inf")
-        return out
-    values, indices = make_scratch(x.numel(), x.device) if scratch is None else scratch
-    # counted from bin index 0, so that the offset of the first bin costs no pass over the elements
-    counts = torch.zeros(_LAST_BIN_BITS + 1, dtype=torch.float64, device=x.device)
-    mins, maxs, sums = [], [], []
-    for chunk in x.split(values.numel()):
-        v_hat = values[: chunk.numel()]
-        if chunk.dtype == torch.float32:
-            torch.div(chunk, bias_correction2, out=v_hat)
-        else:  # a low-precision state (bf16 v) is summarized in fp32, like everything else
-            v_hat.copy_(chunk).div_(bias_correction2)
-        lo, hi = torch.aminmax(v_hat)
-        mins.append(lo)
-        maxs.append(hi)
-        idx = torch.bitwise_right_shift(v_hat.view(torch.int32), _SHIFT, out=indices[: chunk.numel()])
-        _count_bins(idx.clamp_(_FIRST_BIN_BITS, _LAST_BIN_BITS), counts)
+
+    scale: Scalar
+    eps: Scalar
+    numel: int
+    fill: Callable[[int, int, Tensor], None]
+    device: torch.device
+    row: int = 1
+
+
+# --- the formulas, one function per optimizer family ------------------------------------------------------------
+
+
+def _step(state: dict[str, Any]) -> float | Tensor:
+    """The step count ``t`` after the update: a float when it lives on the host, else the device tensor (no sync)."""
+    step = state["step"]
+    if isinstance(step, Tensor) and step.device.type == "cpu":
+        return float(step)  # a CPU scalar, as torch's own optimizers keep it: reading it costs no device sync
+    return step
+
+
+def _bias_correction(beta: float, step: float | Tensor) -> Scalar:
+    """``1 - beta^step``: a float for a host step, an fp64 tensor on the step's device for a device step."""
+    if isinstance(step, Tensor):
+        return 1 - torch.pow(beta, step.double())
+    return 1 - beta**step
+
+
+def _sqrt(x: Scalar) -> Scalar:
+    return x.sqrt() if isinstance(x, Tensor) else math.sqrt(x)
+
+
+def _minimum(a: Scalar, b: Scalar) -> Scalar:
+    """``min(a, b)`` of floats or 0-dim tensors, without reading a tensor on the host."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
+    return min(a, b)
+
+
+def _flat(t: Tensor) -> Tensor:
+    """All elements of ``t`` as a 1-D view in memory order (a copy only for a tensor that is not dense).
+
+    The statistics do not depend on the order of the elements, so a channels-last state needs no copy; states of
+    one parameter share their strides, so their flat views pair up element by element.
+    """
+    t = t.detach()
+    if t.is_contiguous():
+        return t.view(-1)
+    t = t.permute(sorted(range(t.dim()), key=lambda d: t.stride(d), reverse=True))
+    return t.view(-1) if t.is_contiguous() else t.reshape(-1)
+
+
+def _root_fill(t: Tensor) -> Callable[[int, int, Tensor], None]:
+    """``fill`` writing ``sqrt(t)``."""
+    flat = _flat(t)
+
+    def fill(start: int, stop: int, out: Tensor) -> None:
+        if flat.dtype == torch.float32:
+            torch.sqrt(flat[start:stop], out=out)
+        else:  # a low-precision state in fp32 (`torch.sqrt(bf16, out=fp32)` would take the root in bf16)
+            out.copy_(flat[start:stop]).sqrt_()
+
+    return fill
+
+
+def _copy_fill(t: Tensor) -> Callable[[int, int, Tensor], None]:
+    """``fill`` writing ``t`` itself, for a state that is already the root (Adamax's ``exp_inf``)."""
+    flat = _flat(t)
+
+    def fill(start: int, stop: int, out: Tensor) -> None:
+        out.copy_(flat[start:stop])
+
+    return fill
+
+
+def _zero_fill(start: int, stop: int, out: Tensor) -> None:
+    out.zero_()
+
+
+def adam_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
+    """``lr / (sqrt(v / (1 - beta2^t)) + eps)``, the factor of ``m_hat = m / (1 - beta1^t)`` in the update of
+    ``torch.optim.Adam`` and ``AdamW``, with ``v = max_exp_avg_sq`` under AMSGrad, else ``exp_avg_sq``.
+
+    It is also ``torch.optim.NAdam``'s rate (decoupled decay or not): NAdam divides by the same denominator, and
+    its momentum-schedule weights ``mu_t`` are scalars of its numerator, which this rate multiplies:
+    ``(1 - mu_t) / (1 - prod mu) * grad + mu_{t+1} / (1 - prod mu * mu_{t+1}) * m``.
+
+    Computed as ``lr * sqrt(bc2) / (sqrt(v) + eps * sqrt(bc2))``, the same number, so that the square root is taken
+    of ``v`` as it is stored. ``None`` for a parameter the optimizer has not stepped yet.
+    """
+    key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
+    if key not in state:
+        return None
+    v = state[key]
+    root_bc2 = _sqrt(_bias_correction(group["betas"][1], _step(state)))
+    return RateSpec(group["lr"] * root_bc2, group["eps"] * root_bc2, v.numel(), _root_fill(v), v.device)
+
+
+def sparse_adam_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
+    """``lr * sqrt(1 - beta2^t) / (sqrt(v) + eps)``, the factor of ``m_hat`` in ``torch.optim.SparseAdam``'s update
+    (its ``eps`` is added before the bias correction, unlike Adam's). A step moves only the rows of its sparse
+    gradient; this is the rate of each element at the step that moves it."""
+    if "exp_avg_sq" not in state:
+        return None
+    v = state["exp_avg_sq"]
+    root_bc2 = _sqrt(_bias_correction(group["betas"][1], _step(state)))
+    return RateSpec(group["lr"] * root_bc2, group["eps"], v.numel(), _root_fill(v), v.device)
+
+
+def radam_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
+    """``lr * r_t * sqrt(1 - beta2^t) / (sqrt(v) + eps)`` once ``torch.optim.RAdam`` rectifies (``rho_t > 5``), else
+    ``lr`` for every element: the factor of ``m_hat`` in its update, with torch's
+    ``rho_t = rho_inf - 2 t beta2^t / (1 - beta2^t)``, ``rho_inf = 2 / (1 - beta2) - 1`` and
+    ``r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))``. For a device step
+    (``capturable``) the choice is made on the device."""
+    if "exp_avg_sq" not in state:
+        return None
+    v, lr, eps = state["exp_avg_sq"], group["lr"], group["eps"]
+    beta2, t = group["betas"][1], _step(state)
+    bc2 = _bias_correction(beta2, t)
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * t * beta2**t / bc2
+    rect_sq = (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+    if isinstance(rho_t, Tensor):
+        on = rho_t > 5
+        root_fill = _root_fill(v)
+
+        def fill(start: int, stop: int, out: Tensor) -> None:
+            root_fill(start, stop, out)
+            out.mul_(on)  # sqrt(u) = 0 and eps = 1 before rectification: the rate is lr
+
+        # where() keeps the NaN of the root of a negative rect_sq out of the chosen branch
+        scale = torch.where(on, lr * rect_sq.clamp(min=0).sqrt() * bc2.sqrt(), lr)
+        return RateSpec(scale, torch.where(on, eps, 1.0), v.numel(), fill, v.device)
+    if rho_t > 5:
+        return RateSpec(lr * math.sqrt(rect_sq) * math.sqrt(bc2), eps, v.numel(), _root_fill(v), v.device)
+    return RateSpec(lr, 1.0, v.numel(), _zero_fill, v.device)
+
+
+def adamax_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
+    """``lr / exp_inf``: the factor of the bias-corrected first moment ``m / (1 - beta1^t)`` in the update of
+    ``torch.optim.Adamax``, which torch writes ``lr / (1 - beta1^t) * m / exp_inf`` (its ``eps`` is inside
+    ``exp_inf``, the running max of ``|grad| + eps``)."""
+    if "exp_inf" not in state:
+        return None
+    u = state["exp_inf"]
+    return RateSpec(group["lr"], 0.0, u.numel(), _copy_fill(u), u.device)
+
+
+def rmsprop_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
+    """``lr / (sqrt(square_avg) + eps)``, with ``square_avg - grad_avg^2`` under ``centered=True``: the factor of the
+    gradient in ``torch.optim.RMSprop``'s update. With ``momentum > 0`` the gradient times ``rate / lr`` enters the
+    momentum buffer, which the update multiplies by ``lr``."""
+    if "square_avg" not in state:
+        return None
+    sq = state["square_avg"]
+    if not group.get("centered", False):
+        return RateSpec(group["lr"], group["eps"], sq.numel(), _root_fill(sq), sq.device)
+    sq_flat, avg_flat = _flat(sq), _flat(state["grad_avg"])
+
+    def fill(start: int, stop: int, out: Tensor) -> None:
+        s, g = sq_flat[start:stop], avg_flat[start:stop]
+        if s.dtype == torch.float32:
+            torch.addcmul(s, g, g, value=-1, out=out)
+        else:
+            out.copy_(s).addcmul_(g, g, value=-1)
+        out.sqrt_()
+
+    return RateSpec(group["lr"], group["eps"], sq.numel(), fill, sq.device)
+
+
+def adagrad_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
+    """``lr / (1 + (t - 1) * lr_decay) / (sqrt(sum) + eps)``: the factor of the gradient in ``torch.optim.Adagrad``'s
+    update. ``None`` before the parameter's first step (Adagrad makes its state when it is built)."""
+    if "sum" not in state:
+        return None
+    t = _step(state)
+    if not isinstance(t, Tensor) and t == 0:
+        return None
+    s = state["sum"]
+    return RateSpec(group["lr"] / (1 + (t - 1) * group["lr_decay"]), group["eps"], s.numel(), _root_fill(s), s.device)
+
+
+def adafactor_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor) -> RateSpec | None:
+    """``alpha / sqrt(max(v_est, eps1^2))``: the factor of the gradient in ``torch.optim.Adafactor``'s update.
+
+    ``v_est = row_var ⊗ col_var / max(mean(row_var), eps1)`` (torch's ``var_estimate``, built here one chunk of rows
+    at a time, never for the whole parameter), or ``variance`` for a parameter of fewer than 2 dimensions;
+    ``eps1`` is the machine epsilon of the parameter's dtype when the group's ``eps[0]`` is None.
+    ``alpha = max(eps2, RMS(p)) * min(lr, 1 / sqrt(t))``, its relative step size.
+
+    Two factors of the update are not in this rate. ``RMS(p)``: torch measures it before the update, this function
+    (called after the step) measures ``param`` as it is given, so the rate is off by the step's relative change of
+    the parameter's RMS (``RMS(p_after) / RMS(p_before)``), unless ``eps2`` dominates. And torch's update clipping,
+    the factor ``1 / max(1, RMS(update) / d)`` (with ``d`` the group's ``d``, 1 by default), which depends on the
+    gradient, not on the state.
+    """
+    if "row_var" not in state and "variance" not in state:
+        return None
+    if param.numel() == 0:
+        return None
+    eps1, eps2 = group["eps"]
+    eps1 = torch.finfo(param.dtype).eps if eps1 is None else eps1
+    rho = _minimum(group["lr"], 1 / _sqrt(_step(state)))
+    p = param.detach()
+    rms = torch.linalg.vector_norm(p, dtype=torch.promote_types(p.dtype, torch.float32)) / math.sqrt(p.numel())
+    alpha = rms.clamp_(min=eps2).mul_(rho)
+    if "variance" in state:
+        flat = _flat(state["variance"])
+
+        def fill_variance(start: int, stop: int, out: Tensor) -> None:
+            out.copy_(flat[start:stop]).clamp_(min=eps1 * eps1).sqrt_()
+
+        return RateSpec(alpha, 0.0, param.numel(), fill_variance, param.device)
+    row_var, col_var = state["row_var"], state["col_var"]  # (..., R, 1) and (..., 1, C)
+    n_rows, n_cols = row_var.shape[-2], col_var.shape[-1]
+    rows = row_var.detach().reshape(-1).float()  # one entry per row of every matrix (small: no parameter-sized copy)
+    cols = col_var.detach().reshape(-1, n_cols).float()
+    means = row_var.detach().float().mean(dim=-2).clamp_(min=eps1).reshape(-1)
+
+    def fill(start: int, stop: int, out: Tensor) -> None:
+        r, end = start // n_cols, stop // n_cols
+        while r < end:  # one matrix of a batch of matrices at a time
+            m = r // n_rows
+            r_stop = min(end, (m + 1) * n_rows)
+            seg = out[(r - start // n_cols) * n_cols : (r_stop - start // n_cols) * n_cols].view(r_stop - r, n_cols)
+            torch.mul(rows[r:r_stop, None], cols[m], out=seg).div_(means[m])  # as torch: (row @ col) / mean
+            r = r_stop
+        out.clamp_(min=eps1 * eps1).sqrt_()
+
+    return RateSpec(alpha, 0.0, param.numel(), fill, param.device, row=n_cols)
+
+
+@dataclass(frozen=True)
+class Formula:
+    """What the monitor knows about one optimizer class.
+
+    Args:
+        spec: ``spec(state, group, param)`` makes one parameter's :class:`RateSpec` (``None`` for a parameter not
+            stepped yet); ``None`` for an optimizer without a per-element rate.
+        note: for an optimizer without one, why, and what to log instead.
+        sharded: whether ``spec`` works on one process's shard of a parameter (FSDP2); Adafactor's factored second
+            moment and its RMS(p) span the shards.
+    """
+
+    spec: Callable[[dict[str, Any], dict[str, Any], Tensor], RateSpec | None] | None
+    note: str = ""
+    sharded: bool = True
+
+
+#: which formula each optimizer class uses, by the class's public import path (resolved only when its module is
+#: already imported, so that nothing here imports an optimizer package); subclasses use their base's formula
+FORMULAS: dict[str, Formula] = {
+    "torch.optim.Adam": Formula(adam_rate),
+    "torch.optim.AdamW": Formula(adam_rate),
+    "torch.optim.NAdam": Formula(adam_rate),
+    "torch.optim.RAdam": Formula(radam_rate),
+    "torch.optim.Adamax": Formula(adamax_rate),
+    "torch.optim.RMSprop": Formula(rmsprop_rate),
+    "torch.optim.Adagrad": Formula(adagrad_rate),
+    "torch.optim.SparseAdam": Formula(sparse_adam_rate),
+    "torch.optim.Adafactor": Formula(adafactor_rate, sharded=False),
+    "torch.optim.SGD": Formula(None, "its rate is the lr itself for every element: use LearningRateMonitor"),
+    "torch.optim.ASGD": Formula(None, "one step size per parameter (state['eta']), the same for all its elements"),
+    "torch.optim.Rprop": Formula(None, "its per-element step sizes (state['step_size']) multiply sign(grad), not grad"),
+    "torch.optim.Adadelta": Formula(
+        None, "its rate divides by the average of squared updates before the step, which the step overwrites"
+    ),
+    "torch.optim.Muon": Formula(None, "it orthogonalizes the whole update matrix: no elementwise rate"),
+    "torch.optim.LBFGS": Formula(None, "a quasi-Newton direction and a line search: no elementwise rate"),
+}
+
+
+def _resolve(path: str) -> type | None:
+    module, _, name = path.rpartition(".")
+    return getattr(sys.modules.get(module), name, None)
+
+
+def formula_for(optimizer: torch.optim.Optimizer) -> tuple[str, Formula] | None:
+    """The entry of :data:`FORMULAS` for ``optimizer``'s class or its nearest base class listed there, with its key;
+    ``None`` when none is.
+
+    Example::
+
+        >>> formula_for(torch.optim.AdamW([torch.zeros(1)]))[0]
+        'torch.optim.AdamW'
+    """
+    classes = {cls: path for path in FORMULAS if (cls := _resolve(path)) is not None}
+    for cls in type(optimizer).__mro__:
+        if cls in classes:
+            return classes[cls], FORMULAS[classes[cls]]
+    return None
+
+
+# --- the statistics ---------------------------------------------------------------------------------------------
+
+
+def chunk_elements(device: torch.device) -> int:
+    """How many elements :func:`accumulate_partials` processes at a time on ``device``.
+
+    On a CPU, chunks of 1M elements (4 MB) stay in cache across the passes over them: an 8.4M-element tensor takes
+    1.3x as long all at once as in chunks, 512K-element chunks 1.05x as long as 1M ones, 2M as long
+    (``benchmarks/stats_pass.py``). On an accelerator the chunks are larger, to keep the number of kernel launches
+    down; either way the scratch memory of a logging step is bounded, whatever the largest parameter.
+    """
+    return 1 << 20 if device.type == "cpu" else 1 << 24
+
+
+def _chunk(spec: RateSpec) -> int:
+    """The elements of ``spec`` per chunk: :func:`chunk_elements`, in whole rows, at most the parameter."""
+    n = chunk_elements(spec.device)
+    if spec.row > 1:
+        n = max(spec.row, n - n % spec.row)
+    return max(1, min(n, spec.numel))
+
+
+def make_scratch(numel: int, device: torch.device) -> Tensor:
+    """The fp32 buffer that :func:`accumulate_partials` works in, for chunks of up to ``numel`` elements; reuse it
+    across parameters (fresh allocations each cost page faults, which on a CPU take longer than the arithmetic)."""
+    return torch.empty(max(1, numel), dtype=torch.float32, device=device)
+
+
+def effective_lr(spec: RateSpec) -> Tensor:
+    """The rate of every element of ``spec``, flat, in fp32: a parameter-sized tensor (the statistics never make
+    one); elementwise the very numbers whose min, max and mean :func:`rate_statistics` reports."""
+    out = torch.empty(spec.numel, dtype=torch.float32, device=spec.device)
+    if spec.numel:
+        spec.fill(0, spec.numel, out)
+    return _rate_(out, spec)
+
+
+def _rate_(root: Tensor, spec: RateSpec) -> Tensor:
+    """``scale / (root + eps)`` in place: one division (``reciprocal_().mul_()`` costs a pass more)."""
+    if isinstance(spec.eps, Tensor) or spec.eps != 0:  # Adamax and Adafactor have their eps inside the root
+        root.add_(spec.eps)
+    return torch.div(spec.scale, root, out=root)
+
+
+class Partials(NamedTuple):
+    """Statistics of rates that add up across chunks, parameters and shards, one row per parameter (or group).
+
+    ``ext``: ``[..., 2]`` fp32, ``[min, max]`` of the rate (combined by min and max).
+    ``sums``: ``[..., 2 + HIST_BINS]`` fp64, ``[sum of the rate, count, histogram of the rate]`` (combined by sum;
+    counts exact up to 2**53).
+    """
+
+    ext: Tensor
+    sums: Tensor
+
+
+def empty_partials(rows: int, device: torch.device) -> Partials:
+    """``rows`` rows of the partials of no elements: the identities of the combination."""
+    # fill_ rather than a tensor from a list: on an accelerator, a copy from host memory waits for the device
+    ext = torch.empty(rows, 2, dtype=torch.float32, device=device)
+    ext[:, 0].fill_(float("inf"))
+    ext[:, 1].fill_(float("-inf"))
+    return Partials(ext, torch.zeros(rows, 2 + HIST_BINS, dtype=torch.float64, device=device))
+
+
+def accumulate_partials(spec: RateSpec, ext: Tensor, sums: Tensor, scratch: Tensor) -> None:
+    """Add the statistics of ``spec``'s rate into one row of partials (``ext`` of 2 values, ``sums`` of
+    ``2 + HIST_BINS``), in chunks (:func:`chunk_elements`) of the fp32 ``scratch`` (:func:`make_scratch`).
+
+    The histogram's bins are read straight off the bits of the fp32 rate (for non-negative floats the bit pattern
+    grows with the value): its exponent and the first :data:`MANTISSA_BITS` bits of its mantissa. Nothing is read on
+    the host, and the result does not depend on the chunk size (but for the order of the fp32 sums).
+    """
+    if spec.numel == 0:
+        return
+    # below this many elements a chunk's counts go straight into the row (`index_add_`): `bincount` fills and adds
+    # a count for every possible bin, ~15 us whatever the chunk (benchmarks/stats_pass.py)
+    small = 1 << 14
+    step = min(_chunk(spec), scratch.numel() - scratch.numel() % spec.row)
+    if step < 1:
+        raise ValueError(f"scratch of {scratch.numel()} elements holds no row of {spec.row}")
+    sums[1].add_(spec.numel)
+    for start in range(0, spec.numel, step):
+        n = min(step, spec.numel - start)
+        rate = scratch[:n]
+        spec.fill(start, start + n, rate)
+        _rate_(rate, spec)
+        lo, hi = torch.aminmax(rate)
+        torch.minimum(ext[0], lo, out=ext[0])
+        torch.maximum(ext[1], hi, out=ext[1])
         # torch's fp32 sum is a cascade sum, accurate to ~1e-7 without an fp64 copy
-        sums.append(v_hat.sqrt_().add_(eps).reciprocal_().sum())
-    out[:3] = torch.stack([torch.stack(mins).min(), torch.stack(maxs).max(), torch.stack(sums).sum()])
-    out[3] = x.numel()
-    out[4:] = counts[_FIRST_BIN_BITS:]
-    return out
+        sums[0].add_(rate.sum())
+        # the bin indices overwrite the rates they come from (a second buffer measured 1.05x the time, and twice
+        # the memory); clamped: a NaN rate (its sign bit set) goes to the first bin instead of failing the count
+        bits = rate.view(torch.int32)
+        idx = torch.bitwise_right_shift(bits, _SHIFT, out=bits).clamp_(_FIRST_BIN_BITS, _LAST_BIN_BITS)
+        _count_bins(idx, sums[2:], None if n >= small else False)
 
 
-def _count_bins(idx: Tensor, counts: Tensor, bincount: bool | None = None) -> None:
-    """``counts[i] += (idx == i).sum()`` for every ``i``: ``bincount`` on a CPU (the fastest there), elsewhere an
+def _count_bins(idx: Tensor, hist: Tensor, bincount: bool | None = None) -> None:
+    """``hist[i] += (idx == _FIRST_BIN_BITS + i).sum()`` for every bin ``i``, ``idx`` clamped to the bins:
+    ``bincount`` on a CPU (the fastest there; counted from index 0 so that the offset costs no pass), elsewhere an
     ``index_add_`` into the fixed bins (``bincount`` sizes its output from the data, which costs a host sync;
-    ``index_add_`` takes the int32 ``idx`` as it is, where ``scatter_add_`` would need an int64 copy)."""
+    ``index_add_`` takes the int32 ``idx`` as it is, where ``scatter_add_`` would need an int64 copy). ``idx`` is
+    scratch: it may be overwritten."""
     use_bincount = idx.device.type == "cpu" if bincount is None else bincount
     if use_bincount:
-        counts += torch.bincount(idx, minlength=counts.numel())
+        counts = torch.bincount(idx)  # as long as the largest index: at least _FIRST_BIN_BITS + 1
+        hist[: counts.numel() - _FIRST_BIN_BITS] += counts[_FIRST_BIN_BITS:]
     else:
-        counts.index_add_(0, idx, torch.ones((), dtype=counts.dtype, device=counts.device).expand(idx.shape))
+        ones = torch.ones((), dtype=hist.dtype, device=hist.device).expand(idx.shape)
+        hist.index_add_(0, idx.sub_(_FIRST_BIN_BITS), ones)
 
 
-def combine_partials(partials: Tensor) -> Tensor:
-    """The partials of the union of the tensors whose partials are the rows of ``partials``."""
-    return torch.cat([partials[:, :1].min(0).values, partials[:, 1:2].max(0).values, partials[:, 2:].sum(0)])
+def summarize_partials(ext: Tensor, sums: Tensor) -> Tensor:
+    """``[..., 4]`` fp32: ``[min, max, mean, median]`` of the rate, for each row of partials.
 
-
-def _rate(v_hat: Tensor, lr: float | Tensor, eps: float) -> Tensor:
-    # the elementwise formula of partial_stats, in fp32, so that min and max are the elementwise values exactly
-    return torch.sqrt(v_hat.float()).add_(eps).reciprocal_().mul_(lr)
-
-
-def stats_from_partials(partials: Tensor, lr: float | Tensor, eps: float) -> Tensor:
-    """``[min, max, mean, median]`` (fp32) of the effective lr ``lr / (sqrt(v_hat) + eps)`` for each row of
-    partials ``[..., 4 + HIST_BINS]``.
-
-    ``min``, ``max`` and ``mean`` are exact; ``median`` is the effective lr at the geometric centre of the histogram
-    bin holding the median, within :func:`histogram_median_rel_error` (0.39%) of the exact lower median. A row of
-    no elements (count 0) gives NaN for all four.
+    ``min``, ``max`` and ``mean`` are exact; ``median`` is the geometric centre of the histogram bin holding the lower
+    median, kept within ``[min, max]``: within :func:`histogram_median_rel_error` (0.39%) of the exact lower median.
+    A row of no elements (count 0) gives NaN for all four.
     """
-    if isinstance(lr, Tensor):
-        lr = lr.to(partials.device)
-    count = partials[..., 3].clamp(min=1)
-    mean = partials[..., 2] * lr / count
-    # the lower median of the rate is the upper median of v_hat (the rate falls as v_hat grows): rank n // 2 + 1
-    hist = partials[..., 4:]
-    cum = hist.cumsum(-1)
-    rank = torch.floor(cum[..., -1:] / 2) + 1
-    b = torch.searchsorted(cum.contiguous(), rank.contiguous()).clamp(max=HIST_BINS - 1).squeeze(-1)
-    edges = ((b.to(torch.int32) + _FIRST_BIN_BITS).unsqueeze(-1) + torch.tensor([0, 1], device=b.device)) << _SHIFT
-    low, high = edges.to(torch.int32).view(torch.float32).double().unbind(-1)
-    centre = torch.sqrt(low * high)
-    median = 1 / (torch.sqrt(centre) + eps) * lr
-    stats = [_rate(partials[..., 1], lr, eps).double(), _rate(partials[..., 0], lr, eps).double(), mean, median]
-    stats = torch.stack(stats).movedim(0, -1)
-    # no elements, no statistics (rather than the rate of an empty histogram's first bin)
-    return stats.masked_fill(partials[..., 3:4] == 0, float("nan")).float()
+    mn, mx, count = ext[..., 0].double(), ext[..., 1].double(), sums[..., 1]
+    mean = sums[..., 0] / count
+    # the lower median is the element of rank floor((n - 1) / 2) from 0 in increasing order: its bin is the first
+    # whose cumulative count exceeds that rank. Found in two steps, the power of two, then the bin within it: a
+    # cumulative sum over all bins costs 7x as much as the sums per power of two
+    rank = torch.floor((count - 1) / 2).unsqueeze(-1)
+    fine = sums[..., 2:].unflatten(-1, (-1, 1 << MANTISSA_BITS))  # [..., powers of two, bins in each]
+    per_octave = fine.sum(-1)
+    coarse = per_octave.cumsum(-1)
+    octave = torch.searchsorted(coarse, rank.contiguous(), right=True).clamp_(max=coarse.shape[-1] - 1)
+    before = coarse.gather(-1, octave) - per_octave.gather(-1, octave)  # the elements in the powers below it
+    within = fine.gather(-2, octave.unsqueeze(-1).expand(*octave.shape[:-1], 1, fine.shape[-1])).squeeze(-2)
+    b = torch.searchsorted(within.cumsum(-1), (rank - before).contiguous(), right=True).clamp_(max=fine.shape[-1] - 1)
+    b = b + (octave << MANTISSA_BITS)
+    low, high = ((((b + i + _FIRST_BIN_BITS) << _SHIFT).to(torch.int32).view(torch.float32).double()).squeeze(-1)
+                 for i in (0, 1))
+    median = torch.sqrt(low * high).clamp(mn, mx)  # the end bins' centres can lie outside the data
+    stats = torch.stack([mn, mx, mean, median], -1)
+    return stats.masked_fill((count == 0).unsqueeze(-1), float("nan")).float()
 
 
 def histogram_median_rel_error() -> float:
-    """Bound on ``|approx / exact - 1|`` of the median, for ``v_hat`` inside the histogram's range (or where ``eps``
-    dominates ``sqrt(v_hat)``, as for elements that never had a gradient).
+    """Bound on ``|approx / exact - 1|`` of the median, for rates inside the histogram's range (or where the exact
+    median is the min or the max, as when the median falls in an end bin that holds it).
 
-    A bin spans at most a factor ``1 + 2**-MANTISSA_BITS`` of ``v_hat``; the rate varies at most as ``v_hat**-1/2``,
-    so reporting the rate at the bin's geometric centre is off by at most a factor ``(1 + 2**-MANTISSA_BITS)**(1/4)``
-    (plus 1e-6 for the fp32 arithmetic).
+    A bin spans at most a factor ``1 + 2**-MANTISSA_BITS`` of the rate, so its geometric centre is off by at most a
+    factor ``(1 + 2**-MANTISSA_BITS)**(1/2)`` (plus 1e-6 for the fp32 arithmetic).
     """
-    return (1 + 2.0**-MANTISSA_BITS) ** 0.25 - 1 + 1e-6
+    return (1 + 2.0**-MANTISSA_BITS) ** 0.5 - 1 + 1e-6
+
+
+class _Block:
+    """Up to :data:`BLOCK_ROWS` rows of partials, and the indices of the parameters they hold."""
+
+    def __init__(self, rows: int, device: torch.device) -> None:
+        self.partials = empty_partials(rows, device)
+        self.index: list[int] = []
+
+    def reset(self) -> None:
+        self.partials.ext[:, 0].fill_(float("inf"))
+        self.partials.ext[:, 1].fill_(float("-inf"))
+        self.partials.sums.zero_()
+        self.index.clear()
+
+
+def rate_statistics(
+    specs: Sequence[RateSpec],
+    per_parameter: bool = True,
+    per_group: bool = True,
+    shards: Sequence[Hashable | None] | None = None,
+    reduce: Callable[[Partials, Any], None] | None = None,
+) -> Tensor:
+    """``[min, max, mean, median]`` (fp32, as :func:`summarize_partials`) of each spec's rate (the first
+    ``len(specs)`` rows, with ``per_parameter``) and of all of them together (the last row, with ``per_group``), on
+    the first spec's device.
+
+    Each parameter's statistics are accumulated into a row of a block of :data:`BLOCK_ROWS` rows through a
+    chunk-sized scratch buffer; a full block is summarized into four numbers per row and added into the group's
+    row, and then reused. So the memory is bounded by the block, the chunk and the output (16 bytes per row),
+    whatever the number of parameters and their sizes.
+
+    Parameters sharded across processes: ``shards[i]`` is ``None`` for a whole tensor, else a token naming how spec
+    ``i`` is sharded. Their rows go to separate blocks (one per token), and before such a block is summarized
+    ``reduce(partials, token)`` must turn its rows into those of the whole parameters (an ``all_reduce``: ``ext``
+    by min and max, ``sums`` by sum). Every process that calls this with the same sequence of tokens makes the same
+    calls of ``reduce`` in the same order, with blocks of the same sizes, also for a shard of no elements.
+    """
+    if not specs:
+        raise ValueError("rate_statistics needs at least one RateSpec")
+    device = specs[0].device
+    tokens = list(shards) if shards is not None else [None] * len(specs)
+    if any(t is not None for t in tokens) and reduce is None:
+        raise ValueError("sharded specs need a `reduce`")
+    n_out = (len(specs) if per_parameter else 0) + (1 if per_group else 0)
+    out = torch.empty(n_out, len(STATS), dtype=torch.float32, device=device)
+    group = empty_partials(1, device) if per_group else None
+
+    largest: dict[torch.device, int] = {}
+    for spec in specs:
+        largest[spec.device] = max(largest.get(spec.device, 0), _chunk(spec))
+    scratch = {d: make_scratch(n, d) for d, n in largest.items()}
+    # a row for a spec on another device than the blocks' (a group that spans devices)
+    detour = {d: _Block(1, d) for d in largest if d != device}
+
+    counts: dict[Hashable | None, int] = {}
+    for t in tokens:
+        counts[t] = counts.get(t, 0) + 1
+    blocks = {t: _Block(min(BLOCK_ROWS, n), device) for t, n in counts.items()}
+
+    def flush(token: Hashable | None, block: _Block) -> None:
+        rows = len(block.index)
+        part = Partials(block.partials.ext[:rows], block.partials.sums[:rows])
+        if token is not None:
+            reduce(part, token)
+        if per_parameter:
+            stats = summarize_partials(*part)
+            first = block.index[0]
+            if block.index == list(range(first, first + rows)):
+                out[first : first + rows] = stats
+            else:  # sharded and whole parameters in one group: row by row (an index tensor would be a host copy)
+                for j, i in enumerate(block.index):
+                    out[i] = stats[j]
+        if group is not None:
+            torch.minimum(group.ext[0, 0], part.ext[:, 0].min(), out=group.ext[0, 0])
+            torch.maximum(group.ext[0, 1], part.ext[:, 1].max(), out=group.ext[0, 1])
+            group.sums[0].add_(part.sums.sum(0))
+        block.reset()
+
+    for i, (spec, token) in enumerate(zip(specs, tokens)):
+        block = blocks[token]
+        r = len(block.index)
+        if spec.device == device:
+            accumulate_partials(spec, block.partials.ext[r], block.partials.sums[r], scratch[spec.device])
+        else:
+            row = detour[spec.device]
+            row.reset()
+            accumulate_partials(spec, row.partials.ext[0], row.partials.sums[0], scratch[spec.device])
+            block.partials.ext[r].copy_(row.partials.ext[0])
+            block.partials.sums[r].copy_(row.partials.sums[0])
+        block.index.append(i)
+        if len(block.index) == len(block.partials.ext):
+            flush(token, block)
+    for token, block in blocks.items():  # the same order on every process: that of the tokens' first appearance
+        if block.index:
+            flush(token, block)
+    if group is not None:
+        out[-1] = summarize_partials(*group)[0]
+    return out

@@ -9,7 +9,6 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.core.optimizer import _MockOptimizer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
@@ -19,15 +18,14 @@ from torch.utils.hooks import RemovableHandle
 from lightning_wd.decay import local_tensor
 from lightning_wd.effective_lr import (
     STATS,
-    adam_partial_stats,
-    combine_partials,
-    effective_lr_from_state,
-    make_scratch,
-    stats_from_partials,
+    Formula,
+    Partials,
+    RateSpec,
+    effective_lr,
+    formula_for,
+    rate_statistics,
 )
 from lightning_wd.naming import optimizer_names
-
-SUPPORTED = (torch.optim.Adam, torch.optim.AdamW)
 
 
 def _shard_groups(p: Tensor) -> tuple[Any, ...]:
@@ -39,38 +37,55 @@ def _shard_groups(p: Tensor) -> tuple[Any, ...]:
     return tuple(mesh.get_group(d) for d, pl_ in enumerate(placements) if pl_.is_shard())
 
 
+def _all_reduce(partials: Partials, groups: tuple[Any, ...]) -> None:
+    """The partials of whole parameters from those of every rank's shards: min and max by one ``MAX`` (of
+    ``[-min, max]``), the sums, counts and histograms by one ``SUM``, per process group of the sharding."""
+    ext, sums = partials
+    ext[:, 0].neg_()
+    for pg in groups:
+        dist.all_reduce(ext, op=dist.ReduceOp.MAX, group=pg)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=pg)
+    ext[:, 0].neg_()
+
+
 class EffectiveLRMonitor(Callback):
-    r"""Log the learning rate that Adam and AdamW (AMSGrad too) really apply, per parameter and per param group.
+    r"""Log the learning rate that adaptive optimizers really apply to each element, per parameter and per param
+    group.
 
     Adam's update is :math:`p \leftarrow p - \eta\, \hat m / (\sqrt{\hat v} + \epsilon)`; the effective learning
     rate of each element is :math:`\eta / (\sqrt{\hat v} + \epsilon)` (with ``max_exp_avg_sq`` as :math:`v` under
-    AMSGrad). On each logging step the callback summarizes it, right after the optimizer step, with the lr that
-    step used, and logs through ``trainer.loggers``:
+    AMSGrad), the factor of :math:`\hat m` in the update. Every torch optimizer with such a per-element rate is
+    covered: Adam, AdamW, AMSGrad, NAdam, RAdam, Adamax, RMSprop, Adagrad, Adafactor and SparseAdam, each with its own
+    formula (:data:`lightning_wd.effective_lr.FORMULAS`). On each logging step the callback summarizes the rate,
+    right after the optimizer step, with the lr that step used, and logs through ``trainer.loggers``:
 
     - ``effective_lr/{param_name}/{min,max,mean,median}`` for every parameter (``named_parameters()`` names);
     - ``effective_lr/{optimizer}/pg{i}/{min,max,mean,median}`` over all elements of param group ``i``;
     - with ``log_histogram=True``, a TensorBoard histogram ``effective_lr/{param_name}/log10``.
 
     ``{optimizer}`` is the class name, with ``-k`` for its k-th repeat (``Adam``, ``Adam-1``). Nothing is computed
-    on other steps; on a logging step the statistics are computed on the device and reach the host in one transfer,
-    and each parameter is worked through in chunks of :func:`lightning_wd.effective_lr.chunk_elements` elements in two
-    scratch buffers reused for all parameters, so the extra memory does not grow with the largest parameter.
-    ``min``, ``max`` and ``mean`` are exact; ``median`` is the lower median read from a histogram of ``v_hat`` (64
-    bins per power of two, read off the fp32 bits), within a relative error of
+    on other steps; on a logging step the statistics are computed on the device and reach the host in one transfer.
+    Each parameter is worked through in chunks of :func:`lightning_wd.effective_lr.chunk_elements` elements in one
+    scratch buffer, and reduced to its four numbers a block of parameters at a time, so the extra memory grows
+    neither with the largest parameter nor with the number of parameters (but for the 16 bytes per parameter of the
+    logged numbers). ``min``, ``max`` and ``mean`` are exact; ``median`` is the lower median read from a histogram
+    of the rate (128 bins per power of two, read off the fp32 bits), within a relative error of
     :func:`lightning_wd.effective_lr.histogram_median_rel_error` (0.39%): an exact median costs a sort or a
     selection per parameter, several times the rest of the work. For parameters sharded across processes (FSDP2
     ``DTensor``) the statistics are over the whole parameter: every rank takes part in the reduction of the
     partial statistics of its shards. Only rank 0's loggers write.
 
     An element that has never had a gradient (``v = 0``) has the effective lr ``lr / eps``; such elements show up in
-    ``max`` and pull up ``mean``, so ``median`` is usually the statistic to watch. Optimizers other than
-    ``torch.optim.Adam``/``AdamW`` get one warning naming them and are skipped.
+    ``max`` and pull up ``mean``, so ``median`` is usually the statistic to watch. Optimizers without a per-element
+    rate (SGD, ASGD, Rprop, Adadelta, Muon, LBFGS) and optimizers the library has no formula for get one warning
+    naming them and are skipped.
 
     Args:
         log_every_n_steps: log every this many optimizer steps; ``None`` follows ``Trainer(log_every_n_steps=...)``.
         per_parameter: log the statistics of each parameter.
         per_group: log the statistics of each param group.
-        log_histogram: also log a histogram of ``log10(effective lr)`` per parameter to TensorBoard loggers.
+        log_histogram: also log a histogram of ``log10(effective lr)`` per parameter to TensorBoard loggers (this
+            makes a parameter-sized tensor per parameter and moves it to the host).
 
     Raises:
         ValueError: if ``log_every_n_steps`` is not a positive int or None, or nothing is selected to log.
@@ -110,16 +125,24 @@ class EffectiveLRMonitor(Callback):
         self._remove_hooks()
         self._trainer = trainer
         self._names = {id(p): name for name, p in pl_module.named_parameters()}
-        optimizers = [o for o in trainer.optimizers if not isinstance(o, _MockOptimizer)]  # no optimizer configured
-        unsupported = sorted({type(o).__name__ for o in optimizers if not isinstance(o, SUPPORTED)})
-        if unsupported:
-            rank_zero_warn(
-                f"EffectiveLRMonitor skips {', '.join(unsupported)}: it reads the state of torch.optim.Adam and"
-                " AdamW (amsgrad on or off) only. For SGD the effective lr is the lr itself: use LearningRateMonitor."
-            )
-        for name, opt in zip(optimizer_names(optimizers), optimizers):
-            if isinstance(opt, SUPPORTED):
-                self._handles.append(opt.register_step_post_hook(self._make_hook(name)))
+        skipped: dict[str, str] = {}  # what is skipped -> why
+        for name, opt in zip(optimizer_names(trainer.optimizers), trainer.optimizers):
+            if not opt.param_groups:  # Lightning's stand-in when `configure_optimizers` returns None
+                continue
+            found = formula_for(opt)
+            cls = type(opt).__name__
+            if found is None:
+                skipped[cls] = "no effective-lr formula is known for it: see lightning_wd.effective_lr.FORMULAS"
+            elif found[1].spec is None:
+                skipped[cls] = found[1].note
+            else:
+                formula = found[1]
+                if not formula.sharded and any(_shard_groups(p) for g in opt.param_groups for p in g["params"]):
+                    skipped[f"{cls}'s sharded (FSDP2) parameters"] = "its rate needs the whole parameter"
+                self._handles.append(opt.register_step_post_hook(self._make_hook(name, formula)))
+        if skipped:
+            what = "; ".join(f"{cls} ({why})" for cls, why in sorted(skipped.items()))
+            rank_zero_warn(f"EffectiveLRMonitor skips {what}.")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
@@ -145,70 +168,46 @@ class EffectiveLRMonitor(Callback):
         # `+ 1`: the step counter moves on after this batch, as in Lightning's own `should_update_logs`
         return (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % every == 0
 
-    def _make_hook(self, opt_name: str) -> Any:
+    def _make_hook(self, opt_name: str, formula: Formula) -> Any:
         def hook(optimizer: Optimizer, args: tuple, kwargs: dict) -> None:
             if self._should_log():
                 with torch.no_grad():
-                    self._collect(opt_name, optimizer)
+                    self._collect(opt_name, optimizer, formula)
 
         return hook
 
-    def _collect(self, opt_name: str, optimizer: Optimizer) -> None:
+    def _collect(self, opt_name: str, optimizer: Optimizer, formula: Formula) -> None:
+        assert formula.spec is not None
         for gi, group in enumerate(optimizer.param_groups):
-            params = [p for p in group["params"] if "exp_avg_sq" in optimizer.state.get(p, {})]
-            if not params:
+            specs: list[RateSpec] = []
+            names: list[str] = []
+            shards: list[tuple[Any, ...] | None] = []
+            for i, p in enumerate(group["params"]):
+                state = optimizer.state.get(p)
+                groups = _shard_groups(p)
+                if not state or (groups and not formula.sharded):
+                    continue
+                local = {k: local_tensor(v) if isinstance(v, Tensor) else v for k, v in state.items()}
+                spec = formula.spec(local, group, local_tensor(p))
+                if spec is None:
+                    continue
+                specs.append(spec)
+                names.append(self._names.get(id(p), f"{opt_name}/pg{gi}/param{i}"))
+                # whole (replicated) parameters are left out of the reduction: summed across ranks they would
+                # count once per rank
+                shards.append(groups or None)
+            if not specs:
                 continue
-            states = [{k: local_tensor(v) if isinstance(v, Tensor) else v for k, v in optimizer.state[p].items()}
-                      for p in params]
-            # one row of reducible partials (min and max of v_hat, sum of the rate, count, v_hat histogram) per
-            # parameter, all computed in the same chunk-sized scratch buffers
-            largest: dict[torch.device, int] = defaultdict(int)
-            for s in states:
-                v = s["exp_avg_sq"]
-                largest[v.device] = max(largest[v.device], v.numel())
-            scratch = {d: make_scratch(n, d) for d, n in largest.items()}
-            device = next(iter(largest))  # `.to(device)`: a no-op unless the group spans devices
-            partials = torch.stack([adam_partial_stats(s, group, scratch[s["exp_avg_sq"].device]).to(device)
-                                    for s in states])
-            effs = [effective_lr_from_state(s, group) for s in states] if self.log_histogram else []
-            self._reduce_shards(params, partials)
-            lr, eps = group["lr"], group["eps"]
-            prefix = f"effective_lr/{opt_name}/pg{gi}"
-            names = [self._names.get(id(p), f"{opt_name}/pg{gi}/param{i}") for i, p in enumerate(params)]
-            # the rows of the parameters and of the whole group, summarized by one call
-            rows, keys = [], []
-            if self.per_parameter:
-                rows.append(partials)
-                keys += [f"effective_lr/{n}/{s}" for n in names for s in STATS]
+            values = rate_statistics(specs, self.per_parameter, self.per_group, shards, _all_reduce)
+            keys = [f"effective_lr/{n}/{s}" for n in names for s in STATS] if self.per_parameter else []
             if self.per_group:
-                rows.append(combine_partials(partials).unsqueeze(0))
-                keys += [f"{prefix}/{s}" for s in STATS]
-            self._pending.append((keys, stats_from_partials(torch.cat(rows), lr, eps).flatten()))
+                keys += [f"effective_lr/{opt_name}/pg{gi}/{s}" for s in STATS]
+            self._pending.append((keys, values.flatten()))
             if self.log_histogram:
                 self._histograms.extend(
-                    (f"effective_lr/{n}/log10", e) for n, p, e in zip(names, params, effs) if not _shard_groups(p)
+                    (f"effective_lr/{n}/log10", effective_lr(spec))
+                    for n, spec, sharded in zip(names, specs, shards) if sharded is None
                 )
-
-    @staticmethod
-    def _reduce_shards(params: list[Tensor], partials: Tensor) -> None:
-        """Turn the rows of sharded parameters (FSDP2 ``DTensor``) into the partials of the whole parameter.
-
-        Every rank holds the same parameters in the same order, so every rank makes the same collectives, also
-        when its shard is empty (its partials are then the identities). Whole (replicated) parameters are left out:
-        summing them across ranks would count them once per rank.
-        """
-        groups = [_shard_groups(p) for p in params]
-        rows = [i for i, g in enumerate(groups) if g]
-        if not rows:
-            return
-        index = torch.tensor(rows, device=partials.device)
-        sub = partials.index_select(0, index)
-        mins, maxs, sums = sub[:, :1].contiguous(), sub[:, 1:2].contiguous(), sub[:, 2:].contiguous()
-        for pg in groups[rows[0]]:  # the parameters of one model share one mesh
-            dist.all_reduce(mins, op=dist.ReduceOp.MIN, group=pg)
-            dist.all_reduce(maxs, op=dist.ReduceOp.MAX, group=pg)
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=pg)
-        partials.index_copy_(0, index, torch.cat([mins, maxs, sums], dim=1))
 
     # --- after the batch: one transfer, then the loggers ---------------------------------------------------------
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
