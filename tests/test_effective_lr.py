@@ -10,19 +10,18 @@ import torch
 import lightning_wd.effective_lr as el
 from lightning_wd.effective_lr import (
     BLOCK_ROWS,
-    FORMULAS,
     RateSpec,
     accumulate_partials,
     adafactor_rate,
     adam_rate,
     effective_lr,
     empty_partials,
-    formula_for,
     histogram_median_rel_error,
     make_scratch,
     rate_statistics,
     summarize_partials,
 )
+from lightning_wd.optimizers import formula_for
 
 # --- the formulas against the optimizers' own updates, in float64 ---------------------------------------------
 
@@ -109,7 +108,7 @@ def test_radam_before_rectification_is_lr_for_every_element():
     opt = torch.optim.RAdam([w], lr=3e-2)  # beta2 = 0.999: rho_t <= 5 for the first steps
     w.grad = torch.randn(10, dtype=torch.float64)
     opt.step()
-    rate = effective_lr(FORMULAS["torch.optim.RAdam"].spec(opt.state[w], opt.param_groups[0], w))
+    rate = effective_lr(formula_for(opt)[1].spec(opt.state[w], opt.param_groups[0], w))
     assert torch.equal(rate, torch.full((10,), 3e-2))
 
 
@@ -202,7 +201,7 @@ def test_sparse_adam_rate_times_m_hat_is_the_update_of_the_rows_it_moves():
         emb(torch.tensor(rows)).mul(torch.randn(len(rows), 4, dtype=torch.float64) * (step + 1)).sum().backward()
         before = w.detach().clone()
         opt.step()
-        rate = effective_lr(FORMULAS["torch.optim.SparseAdam"].spec(opt.state[w], opt.param_groups[0], w))
+        rate = effective_lr(formula_for(opt)[1].spec(opt.state[w], opt.param_groups[0], w))
         expected = rate.double().view_as(w) * bias_corrected_m(opt, w)
         moved = before - w.detach()
         torch.testing.assert_close(moved[rows], expected[rows], rtol=2e-6, atol=1e-12)
@@ -220,10 +219,11 @@ def test_a_device_step_gives_the_rate_of_a_host_step(monkeypatch):
             w.grad = g.float()
             opt.step()
             state, group = opt.state[w], opt.param_groups[0]
-            host = effective_lr(FORMULAS[key].spec(state, group, w))
+            spec_of = formula_for(opt)[1].spec
+            host = effective_lr(spec_of(state, group, w))
             with monkeypatch.context() as m:
                 m.setattr(el, "_step", lambda state: state["step"])
-                spec = FORMULAS[key].spec(state, group, w)
+                spec = spec_of(state, group, w)
                 assert isinstance(spec.scale, torch.Tensor)
                 device = effective_lr(spec)
             torch.testing.assert_close(device, host, rtol=1e-6, atol=0)
@@ -233,7 +233,9 @@ def test_every_torch_optimizer_has_an_entry_and_subclasses_take_their_base_entry
     public = {name for name in dir(torch.optim)
               if isinstance(getattr(torch.optim, name), type) and issubclass(getattr(torch.optim, name),
                                                                              torch.optim.Optimizer)}
-    assert {f"torch.optim.{name}" for name in public - {"Optimizer"}} <= set(FORMULAS)
+    for name in public - {"Optimizer"}:
+        found = formula_for(getattr(torch.optim, name))
+        assert found is not None and found[0] is getattr(torch.optim, name), name  # its own entry, not a base's
 
     class MyAdam(torch.optim.Adam):
         pass
@@ -242,11 +244,10 @@ def test_every_torch_optimizer_has_an_entry_and_subclasses_take_their_base_entry
         pass
 
     p = [torch.nn.Parameter(torch.zeros(1))]
-    assert formula_for(MyAdam(p))[0] == "torch.optim.Adam"
-    assert formula_for(torch.optim.AdamW(p))[0] == "torch.optim.AdamW"  # the class itself before its base, Adam
+    assert formula_for(MyAdam(p))[0] is torch.optim.Adam
+    assert formula_for(torch.optim.AdamW(p))[0] is torch.optim.AdamW  # the class itself before its base, Adam
     assert formula_for(torch.optim.SGD(p, lr=0.1))[1].spec is None
     assert formula_for(Custom(p, {})) is None
-    assert el._resolve("no_such_package.Optimizer") is None  # a path whose module is not imported stays unresolved
 
 
 # --- the statistics ----------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_wd import EffectiveLRMonitor, WeightDecay
-from lightning_wd.effective_lr import effective_lr, formula_for, histogram_median_rel_error
+from lightning_wd.effective_lr import effective_lr, histogram_median_rel_error
+from lightning_wd.optimizers import formula_for
 
 
 class Net(L.LightningModule):

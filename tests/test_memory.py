@@ -88,7 +88,7 @@ def monitor_logging_step_allocations(width: int, monkeypatch) -> AllocatedBytes:
 
 
 def collect_allocations(monitor, opt) -> AllocatedBytes:
-    from lightning_wd.effective_lr import formula_for
+    from lightning_wd.optimizers import formula_for
 
     formula = formula_for(opt)[1]
     with AllocatedBytes() as counter, torch.no_grad():

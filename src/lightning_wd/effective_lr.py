@@ -3,9 +3,9 @@
 An adaptive optimizer moves each element of a parameter by ``rate * m``: ``m`` is the element's bias-corrected first
 moment (Adam's ``m_hat``), or its gradient where the optimizer keeps no first moment, and ``rate``, the element's
 *effective learning rate*, has the form ``scale / (sqrt(u) + eps)``, with ``u`` a second-moment estimate and
-``scale``, ``eps`` scalars. :data:`FORMULAS` holds, for each torch optimizer, the function that reads one parameter's
-``scale``, ``eps`` and ``u`` from its optimizer state and param group (the formulas are in those functions'
-docstrings), or the reason why it has no such rate.
+``scale``, ``eps`` scalars. The functions ``*_rate`` below read one parameter's ``scale``, ``eps`` and ``u`` from its
+optimizer state and param group (each formula is in its function's docstring); which optimizer uses which is in its
+entry of the optimizer registry (:mod:`lightning_wd.optimizers`, ``OptimizerRule.effective_lr``).
 
 A :class:`RateSpec` describes one parameter's rate without computing it: ``scale``, ``eps``, and a ``fill`` that
 writes ``sqrt(u)`` for a range of elements into a buffer. :func:`rate_statistics` streams the parameters of a param
@@ -31,7 +31,6 @@ Example::
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -56,7 +55,6 @@ BLOCK_ROWS: int = 16
 
 __all__ = [
     "BLOCK_ROWS",
-    "FORMULAS",
     "HIST_BINS",
     "MANTISSA_BITS",
     "RATE_EXPONENTS",
@@ -72,7 +70,6 @@ __all__ = [
     "chunk_elements",
     "effective_lr",
     "empty_partials",
-    "formula_for",
     "histogram_median_rel_error",
     "make_scratch",
     "radam_rate",
@@ -354,50 +351,6 @@ class Formula:
     spec: Callable[[dict[str, Any], dict[str, Any], Tensor], RateSpec | None] | None
     note: str = ""
     sharded: bool = True
-
-
-#: which formula each optimizer class uses, by the class's public import path (resolved only when its module is
-#: already imported, so that nothing here imports an optimizer package); subclasses use their base's formula
-FORMULAS: dict[str, Formula] = {
-    "torch.optim.Adam": Formula(adam_rate),
-    "torch.optim.AdamW": Formula(adam_rate),
-    "torch.optim.NAdam": Formula(adam_rate),
-    "torch.optim.RAdam": Formula(radam_rate),
-    "torch.optim.Adamax": Formula(adamax_rate),
-    "torch.optim.RMSprop": Formula(rmsprop_rate),
-    "torch.optim.Adagrad": Formula(adagrad_rate),
-    "torch.optim.SparseAdam": Formula(sparse_adam_rate),
-    "torch.optim.Adafactor": Formula(adafactor_rate, sharded=False),
-    "torch.optim.SGD": Formula(None, "its rate is the lr itself for every element: use LearningRateMonitor"),
-    "torch.optim.ASGD": Formula(None, "one step size per parameter (state['eta']), the same for all its elements"),
-    "torch.optim.Rprop": Formula(None, "its per-element step sizes (state['step_size']) multiply sign(grad), not grad"),
-    "torch.optim.Adadelta": Formula(
-        None, "its rate divides by the average of squared updates before the step, which the step overwrites"
-    ),
-    "torch.optim.Muon": Formula(None, "it orthogonalizes the whole update matrix: no elementwise rate"),
-    "torch.optim.LBFGS": Formula(None, "a quasi-Newton direction and a line search: no elementwise rate"),
-}
-
-
-def _resolve(path: str) -> type | None:
-    module, _, name = path.rpartition(".")
-    return getattr(sys.modules.get(module), name, None)
-
-
-def formula_for(optimizer: torch.optim.Optimizer) -> tuple[str, Formula] | None:
-    """The entry of :data:`FORMULAS` for ``optimizer``'s class or its nearest base class listed there, with its key;
-    ``None`` when none is.
-
-    Example::
-
-        >>> formula_for(torch.optim.AdamW([torch.zeros(1)]))[0]
-        'torch.optim.AdamW'
-    """
-    classes = {cls: path for path in FORMULAS if (cls := _resolve(path)) is not None}
-    for cls in type(optimizer).__mro__:
-        if cls in classes:
-            return classes[cls], FORMULAS[classes[cls]]
-    return None
 
 
 # --- the statistics ---------------------------------------------------------------------------------------------

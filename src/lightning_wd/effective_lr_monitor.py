@@ -22,10 +22,10 @@ from lightning_wd.effective_lr import (
     Partials,
     RateSpec,
     effective_lr,
-    formula_for,
     rate_statistics,
 )
 from lightning_wd.naming import optimizer_names
+from lightning_wd.optimizers import formula_for
 
 
 def _shard_groups(p: Tensor) -> tuple[Any, ...]:
@@ -56,7 +56,7 @@ class EffectiveLRMonitor(Callback):
     rate of each element is :math:`\eta / (\sqrt{\hat v} + \epsilon)` (with ``max_exp_avg_sq`` as :math:`v` under
     AMSGrad), the factor of :math:`\hat m` in the update. Every torch optimizer with such a per-element rate is
     covered: Adam, AdamW, AMSGrad, NAdam, RAdam, Adamax, RMSprop, Adagrad, Adafactor and SparseAdam, each with its own
-    formula (:data:`lightning_wd.effective_lr.FORMULAS`). On each logging step the callback summarizes the rate,
+    formula (its entry in :mod:`lightning_wd.optimizers`). On each logging step the callback summarizes the rate,
     right after the optimizer step, with the lr that step used, and logs through ``trainer.loggers``:
 
     - ``effective_lr/{param_name}/{min,max,mean,median}`` for every parameter (``named_parameters()`` names);
@@ -132,7 +132,7 @@ class EffectiveLRMonitor(Callback):
             found = formula_for(opt)
             cls = type(opt).__name__
             if found is None:
-                skipped[cls] = "no effective-lr formula is known for it: see lightning_wd.effective_lr.FORMULAS"
+                skipped[cls] = "no effective-lr formula is known for it (lightning_wd.optimizers' registry)"
             elif found[1].spec is None:
                 skipped[cls] = found[1].note
             else:

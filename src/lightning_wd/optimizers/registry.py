@@ -36,6 +36,7 @@ __all__ = [
     "OptimizerRule",
     "UNKNOWN",
     "always",
+    "formula_for",
     "group_lr",
     "switch",
     "register_optimizer",
@@ -86,6 +87,9 @@ class OptimizerRule:
             ``direction(start, stop)`` gives this step's update direction (its sign is what matters) for the
             flattened elements ``[start, stop)``, computed before the step from the state and the gradient; ``None``
             (or a ``None`` result) where the sign of the update cannot be known before the step.
+        effective_lr: what :class:`lightning_wd.EffectiveLRMonitor` reads: a
+            :class:`lightning_wd.effective_lr.Formula` (the function that makes a parameter's rate from its state, or
+            the reason why the optimizer has no per-element rate); ``None``: not known.
         description: its own rule in words, for the compatibility table and messages.
     """
 
@@ -97,6 +101,7 @@ class OptimizerRule:
     refuse: Refusal | None = None
     generic_refusal: Refusal | None = None
     update_direction: Callable[[Optimizer, Group, Tensor, Tensor], Callable[[int, int], Tensor] | None] | None = None
+    effective_lr: Any = None
     description: str = ""
 
     def own_rule(self, optimizer: Optimizer, group: Group) -> str | None:
@@ -157,6 +162,21 @@ def rule_for(optimizer: Optimizer | type) -> tuple[OptimizerRule, type | None]:
         if attempt == 0:
             _resolve()
     return UNKNOWN, None
+
+
+def formula_for(optimizer: Optimizer | type) -> tuple[type, Any] | None:
+    """The effective-lr :class:`~lightning_wd.effective_lr.Formula` of ``optimizer``'s class (or of the nearest
+    registered base class), with that class; ``None`` where none is known.
+
+    Example::
+
+        >>> import torch
+        >>> cls, formula = formula_for(torch.optim.AdamW([torch.zeros(1)]))
+        >>> cls.__name__, formula.spec.__name__
+        ('AdamW', 'adam_rate')
+    """
+    rule, cls = rule_for(optimizer)
+    return None if cls is None or rule.effective_lr is None else (cls, rule.effective_lr)
 
 
 def switch(key: str, when_true: str | None, when_false: str | None, default: bool = False

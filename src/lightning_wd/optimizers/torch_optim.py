@@ -5,6 +5,16 @@ from __future__ import annotations
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_wd.effective_lr import (
+    Formula,
+    adafactor_rate,
+    adagrad_rate,
+    adam_rate,
+    adamax_rate,
+    radam_rate,
+    rmsprop_rate,
+    sparse_adam_rate,
+)
 from lightning_wd.optimizers.directions import Direction, adam_direction, gradient_direction, sgd_direction
 from lightning_wd.optimizers.registry import Group, OptimizerRule, Scalar, always, register_optimizer
 
@@ -59,21 +69,26 @@ def _rprop(optimizer: Optimizer, group: Group, rule: str) -> str | None:
 L2 = "L2: `g += wd*p` before the update"
 DECOUPLED = "`p *= 1 - lr*wd` before the update"
 
-register_optimizer("torch.optim.SGD", OptimizerRule(own="coupled", update_direction=sgd_direction, description=L2))
-register_optimizer("torch.optim.Adamax", OptimizerRule(own="coupled", update_direction=adam_direction,
-                                                       description=L2))
+register_optimizer("torch.optim.SGD", OptimizerRule(
+    own="coupled", update_direction=sgd_direction, description=L2,
+    effective_lr=Formula(None, "its rate is the lr itself for every element: use LearningRateMonitor")))
+register_optimizer("torch.optim.Adamax", OptimizerRule(
+    own="coupled", update_direction=adam_direction, description=L2, effective_lr=Formula(adamax_rate)))
 register_optimizer("torch.optim.ASGD", OptimizerRule(
     own="coupled", update_direction=gradient_direction,
-    description=f"{L2}; its own `p *= 1 - lambd*eta` (lambd=1e-4) is not weight_decay and stays"))
+    description=f"{L2}; its own `p *= 1 - lambd*eta` (lambd=1e-4) is not weight_decay and stays",
+    effective_lr=Formula(None, "one step size per parameter (state['eta']), the same for all its elements")))
 register_optimizer(
     "torch.optim.RMSprop",
     OptimizerRule(own="coupled", update_direction=_rmsprop_direction,
-                  description=f"{L2}; cautious decay only without momentum"),
+                  description=f"{L2}; cautious decay only without momentum", effective_lr=Formula(rmsprop_rate)),
 )
 register_optimizer(
     "torch.optim.Adadelta",
     OptimizerRule(own="coupled", update_direction=gradient_direction,
-                  description=f"{L2}; its lr is a multiplier (default 1.0) of an adaptive step"),
+                  description=f"{L2}; its lr is a multiplier (default 1.0) of an adaptive step",
+                  effective_lr=Formula(None, "its rate divides by the average of squared updates before the step,"
+                                             " which the step overwrites")),
 )
 register_optimizer(
     "torch.optim.Adagrad",
@@ -82,6 +97,7 @@ register_optimizer(
         step_size=_adagrad_step_size,
         update_direction=gradient_direction,
         description=f"{L2}; decoupled decay follows its decayed lr `lr / (1 + (t-1)*lr_decay)`",
+        effective_lr=Formula(adagrad_rate),
     ),
 )
 for _name in ("Adam", "AdamW", "NAdam", "RAdam"):
@@ -92,6 +108,7 @@ for _name in ("Adam", "AdamW", "NAdam", "RAdam"):
             switches=_FLAGGED,
             # NAdam's update mixes g and m with step-dependent weights: its sign is not m's
             update_direction=None if _name == "NAdam" else adam_direction,
+            effective_lr=Formula(radam_rate if _name == "RAdam" else adam_rate),
             description=f"{L2}, or {DECOUPLED} with `decoupled_weight_decay=True` (AdamW: always)",
         ),
     )
@@ -102,13 +119,17 @@ register_optimizer(
         exact_generic=False,  # it measures RMS(p) for its step size before its own decay
         update_direction=gradient_direction,
         description="`p *= 1 - lr*wd` after measuring RMS(p) for its step size, before the update",
+        effective_lr=Formula(adafactor_rate, sharded=False),
     ),
 )
-register_optimizer("torch.optim.Muon", OptimizerRule(own="decoupled", description=DECOUPLED))
-register_optimizer(
-    "torch.optim.SparseAdam", OptimizerRule(own=None, refuse=_sparse_adam, description="no weight_decay")
-)
-register_optimizer("torch.optim.Rprop", OptimizerRule(own=None, refuse=_rprop, description="no weight_decay"))
+register_optimizer("torch.optim.Muon", OptimizerRule(
+    own="decoupled", description=DECOUPLED,
+    effective_lr=Formula(None, "it orthogonalizes the whole update matrix: no elementwise rate")))
+register_optimizer("torch.optim.SparseAdam", OptimizerRule(
+    own=None, refuse=_sparse_adam, description="no weight_decay", effective_lr=Formula(sparse_adam_rate)))
+register_optimizer("torch.optim.Rprop", OptimizerRule(
+    own=None, refuse=_rprop, description="no weight_decay",
+    effective_lr=Formula(None, "its per-element step sizes (state['step_size']) multiply sign(grad), not grad")))
 register_optimizer(
     "torch.optim.LBFGS",
     OptimizerRule(
@@ -118,5 +139,6 @@ register_optimizer(
             " applied once per evaluation. Put an L2 term into the loss instead."
         ),
         description="no weight_decay; evaluates its closure several times per step",
+        effective_lr=Formula(None, "a quasi-Newton direction and a line search: no elementwise rate"),
     ),
 )
