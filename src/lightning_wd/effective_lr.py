@@ -60,6 +60,9 @@ __all__ = [
     "RATE_EXPONENTS",
     "STATS",
     "Formula",
+    "ORTHOGONALIZED",
+    "PLAIN_LR",
+    "SIGN_UPDATE",
     "Partials",
     "RateSpec",
     "accumulate_partials",
@@ -76,6 +79,12 @@ __all__ = [
     "rate_statistics",
     "rmsprop_rate",
     "sparse_adam_rate",
+    "adabelief_rate",
+    "adamp_rate",
+    "debiased_adam_rate",
+    "lamb_rate",
+    "prodigy_rate",
+    "schedulefree_adamw_rate",
     "summarize_partials",
 ]
 
@@ -336,6 +345,77 @@ def adafactor_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor) 
     return RateSpec(alpha, 0.0, param.numel(), fill, param.device, row=n_cols)
 
 
+# --- third-party Adam variants (their entries are in lightning_wd.optimizers) -----------------------------------
+def debiased_adam_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
+    """``lr / (sqrt(v) + eps)``: torch-optimi's Adam and AdamW, whose debiased betas keep ``exp_avg`` and
+    ``exp_avg_sq`` unbiased already; the factor of ``exp_avg`` in their update."""
+    if "exp_avg_sq" not in state:
+        return None
+    v = state["exp_avg_sq"]
+    return RateSpec(group["lr"], group["eps"], v.numel(), _root_fill(v), v.device)
+
+
+def adabelief_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
+    """``lr / (sqrt(s / (1 - beta2^t)) + eps)``: pytorch-optimizer's AdaBelief (not rectified), the factor of
+    ``m_hat`` in its update, with ``s = exp_avg_var`` (its ``eps`` already added inside) and ``t = group["step"]``."""
+    if "exp_avg_var" not in state or group.get("rectify", False):
+        return None
+    s = state["exp_avg_var"]
+    root_bc2 = _sqrt(_bias_correction(group["betas"][1], group["step"]))
+    return RateSpec(group["lr"] * root_bc2, group["eps"] * root_bc2, s.numel(), _root_fill(s), s.device)
+
+
+def adamp_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
+    """``lr * sqrt(1 - beta2^t) / (sqrt(v) + eps)``: pytorch-optimizer's AdamP, the factor of ``m_hat`` before its
+    projection (which then removes the update's radial part where it fires), ``t = group["step"]``."""
+    if "exp_avg_sq" not in state:
+        return None
+    v = state["exp_avg_sq"]
+    root_bc2 = _sqrt(_bias_correction(group["betas"][1], group["step"]))
+    return RateSpec(group["lr"] * root_bc2, group["eps"], v.numel(), _root_fill(v), v.device)
+
+
+def lamb_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
+    """``lr * trust_ratio / (sqrt(v) + eps)``: pytorch-optimizer's LAMB (not rectified), the factor of
+    ``m_hat`` in its update, with the layer's trust ratio of this step (``state["trust_ratio"]``; 1 with
+    ``adam=True``) and no bias correction of ``v``."""
+    if "exp_avg_sq" not in state or group.get("rectify", False):
+        return None
+    v = state["exp_avg_sq"]
+    trust = 1.0 if group.get("adam", False) else state.get("trust_ratio", 1.0)
+    return RateSpec(group["lr"] * trust, group["eps"], v.numel(), _root_fill(v), v.device)
+
+
+def prodigy_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
+    """``d * lr * bc / (sqrt(v) + d * eps)``: prodigyopt's Prodigy, the factor of ``exp_avg`` (an EMA of ``d * g``)
+    in its update, with ``bc = sqrt(1 - beta2^k) / (1 - beta1^k)`` under ``use_bias_correction``.
+
+    ``d`` is the group's estimate after the step. The step itself multiplied by the estimate from before its update
+    (and added ``d * eps`` with the new one), so while ``d`` still grows the rate logged is the coming step's; once
+    ``d`` has settled, the two are the same."""
+    if "exp_avg_sq" not in state or group["betas"][0] == 0:
+        return None
+    v, d = state["exp_avg_sq"], group["d"]
+    bc = 1.0
+    if group.get("use_bias_correction", False):
+        beta1, beta2 = group["betas"]
+        bc = math.sqrt(1 - beta2 ** group["k"]) / (1 - beta1 ** group["k"])
+    return RateSpec(d * group["lr"] * bc, d * group["eps"], v.numel(), _root_fill(v), v.device)
+
+
+def schedulefree_adamw_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None
+                            ) -> RateSpec | None:
+    """``lr_t / (sqrt(v / (1 - beta2^k)) + eps)``: schedulefree's AdamWScheduleFree, the factor of the gradient in
+    the step of its ``z`` sequence (``lr_t`` = ``group["scheduled_lr"]``, the lr with its warm-up; ``k`` the steps
+    taken). The weights the model sees (``y``) and evaluates (``x``) are averages of ``z``: they move by a fraction
+    of it."""
+    if "exp_avg_sq" not in state or "scheduled_lr" not in group:
+        return None
+    v = state["exp_avg_sq"]
+    root_bc2 = _sqrt(_bias_correction(group["betas"][1], group["k"]))
+    return RateSpec(group["scheduled_lr"] * root_bc2, group["eps"] * root_bc2, v.numel(), _root_fill(v), v.device)
+
+
 @dataclass(frozen=True)
 class Formula:
     """What the monitor knows about one optimizer class.
@@ -351,6 +431,12 @@ class Formula:
     spec: Callable[[dict[str, Any], dict[str, Any], Tensor], RateSpec | None] | None
     note: str = ""
     sharded: bool = True
+
+
+#: the formulas of optimizers without a per-element rate, shared by their registry entries
+SIGN_UPDATE = Formula(None, "its update is the sign of a momentum (every element moves by lr): no per-element rate")
+PLAIN_LR = Formula(None, "its rate is the lr itself for every element: use LearningRateMonitor")
+ORTHOGONALIZED = Formula(None, "it orthogonalizes the whole update matrix: no elementwise rate")
 
 
 # --- the statistics ---------------------------------------------------------------------------------------------

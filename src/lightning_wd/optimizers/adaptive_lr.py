@@ -10,6 +10,7 @@ import math
 
 from torch.optim import Optimizer
 
+from lightning_wd.effective_lr import SIGN_UPDATE, Formula, prodigy_rate
 from lightning_wd.optimizers.directions import lion_direction
 from lightning_wd.optimizers.registry import Group, OptimizerRule, Scalar, register_optimizer, switch
 
@@ -23,6 +24,7 @@ register_optimizer("lion_pytorch.lion_pytorch.Lion", OptimizerRule(
     own=_lion_pytorch_rule,
     reference_lr=lambda optimizer, group: getattr(optimizer, "_init_lr", None),
     update_direction=lion_direction,
+    effective_lr=SIGN_UPDATE,
     description="`p *= 1 - lr*wd` before the update (`decoupled_weight_decay=True`: `p *= 1 - (lr/init_lr)*wd`)",
 ))
 
@@ -46,6 +48,7 @@ register_optimizer("prodigyopt.prodigy.Prodigy", OptimizerRule(
     switches={"decoupled": {"decouple": True}, "coupled": {"decouple": False}},
     step_size=_d_lr("use_bias_correction"),
     exact_generic=lambda g: not g.get("decouple", True),  # its d update reads p before its own decay
+    effective_lr=Formula(prodigy_rate),
     description="`p -= d*lr*wd*p` after its d update, before the update (`decouple=False`: L2 in place)",
 ))
 register_optimizer("dadaptation.dadapt_adam.DAdaptAdam", OptimizerRule(

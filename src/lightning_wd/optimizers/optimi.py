@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from torch.optim import Optimizer
 
+from lightning_wd.effective_lr import PLAIN_LR, SIGN_UPDATE, Formula, debiased_adam_rate
 from lightning_wd.optimizers.directions import lion_direction
 from lightning_wd.optimizers.registry import Group, OptimizerRule, register_optimizer
 
@@ -29,9 +30,11 @@ def _decoupled_only(optimizer: Optimizer, group: Group) -> str:
     return "independent" if group.get("decouple_lr", False) else "decoupled"
 
 
+_FORMULAS = {"adam.Adam": Formula(debiased_adam_rate),
+             "sgd.SGD": PLAIN_LR}
 for _path in ("adam.Adam", "sgd.SGD", "radam.RAdam"):
     register_optimizer(f"optimi.{_path}", OptimizerRule(own=_rule, switches=DECOUPLE_WD, reference_lr=_max_lr,
-                                                        description=OWN))
+                                                        description=OWN, effective_lr=_FORMULAS.get(_path)))
 register_optimizer("optimi.ranger.Ranger", OptimizerRule(
     own=_rule, switches=DECOUPLE_WD, reference_lr=_max_lr,
     exact_generic=lambda g: not (g.get("decouple_wd", True) or g.get("decouple_lr", False)),  # its Lookahead copy
@@ -40,6 +43,7 @@ for _path in ("adamw.AdamW", "lion.Lion"):
     register_optimizer(f"optimi.{_path}", OptimizerRule(
         own=_decoupled_only, switches=ALWAYS_DECOUPLED, reference_lr=_max_lr,
         update_direction=lion_direction if _path == "lion.Lion" else None,
+        effective_lr=SIGN_UPDATE if _path == "lion.Lion" else Formula(debiased_adam_rate),
         description="`p *= 1 - lr*wd` before the update (`decouple_lr`: `p *= 1 - (lr/max_lr)*wd`)"))
 register_optimizer("optimi.stableadamw.StableAdamW", OptimizerRule(
     own=_decoupled_only, switches=ALWAYS_DECOUPLED, reference_lr=_max_lr, exact_generic=False,

@@ -9,6 +9,15 @@ from __future__ import annotations
 
 from torch.optim import Optimizer
 
+from lightning_wd.effective_lr import (
+    ORTHOGONALIZED,
+    PLAIN_LR,
+    SIGN_UPDATE,
+    Formula,
+    adabelief_rate,
+    adamp_rate,
+    lamb_rate,
+)
 from lightning_wd.optimizers.directions import lion_direction
 from lightning_wd.optimizers.registry import Group, OptimizerRule, Scalar, always, register_optimizer, switch
 
@@ -40,20 +49,27 @@ def _d_lr(optimizer: Optimizer, group: Group) -> Scalar | None:
     return None if group.get("bias_correction", False) else group["d"] * group["lr"]
 
 
+_NO_RATE = {
+    "Lion": SIGN_UPDATE,
+    "SGDW": PLAIN_LR,
+    "Muon": ORTHOGONALIZED,
+}
 for _name, _module in (("Lion", "lion"), ("AdaBelief", "adabelief"), ("SGDW", "sgd"), ("Muon", "muon.muon")):
     _register(_name, _module, own=_decoupled_or_coupled, switches=SWITCHES, description=OWN,
-              update_direction=lion_direction if _name == "Lion" else None)
+              update_direction=lion_direction if _name == "Lion" else None,
+              effective_lr=_NO_RATE.get(_name, Formula(adabelief_rate)))
 _register("AdamMini", "adam_mini", own="decoupled", description="`p *= 1 - lr*wd` before the update, always")
-_register("Lamb", "lamb", own=switch("weight_decouple", "decoupled", None, True),
+_register("Lamb", "lamb", own=switch("weight_decouple", "decoupled", None, True), effective_lr=Formula(lamb_rate),
           switches={"decoupled": SWITCHES["decoupled"]},
           description="`p *= 1 - lr*wd` before the update (`weight_decouple=False`: `wd*p` added to the Adam ratio,"
                       " inside the trust ratio)")
 _register("LARS", "lars", own=None,
           generic_refusal=always("LARS's `weight_decay` enters its trust ratio (`||g|| + wd*||p||`), for parameters"
                                  " of more than one dimension only; use its own weight_decay without WeightDecay"),
+          effective_lr=Formula(None, "SGD scaled by a trust ratio per layer: no per-element rate"),
           description="`wd*p` added to the gradient inside its trust ratio (2-D+ parameters only)")
 _register("AdamP", "adamp", own=_decoupled_or_nothing, switches={"decoupled": SWITCHES["decoupled"]},
-          exact_generic=False,
+          exact_generic=False, effective_lr=Formula(adamp_rate),
           description="`p *= 1 - lr*wd*wd_ratio` after its projection (`weight_decouple=False`: no decay at all)")
 _register("Adan", "adan", own="decoupled", exact_generic=lambda g: g.get("weight_decouple", False),
           description="proximal `p /= 1 + lr*wd` after the update (`weight_decouple=True`: `p *= 1 - lr*wd` before)")

@@ -4,6 +4,7 @@ would not reach ``z``, so only their own decay (``mode="decoupled"``) and L2 (``
 
 from __future__ import annotations
 
+from lightning_wd.effective_lr import Formula, schedulefree_adamw_rate
 from lightning_wd.optimizers.registry import OptimizerRule, register_optimizer
 
 _Z = ("a schedule-free optimizer follows a second sequence z that a decay of the weights (y) before its step does"
@@ -19,6 +20,7 @@ for _path in ("adamw_schedulefree.AdamWScheduleFree", "radam_schedulefree.RAdamS
               "radam_schedulefree_closure.RAdamScheduleFreeClosure"):
     register_optimizer(f"schedulefree.{_path}", OptimizerRule(
         own="decoupled", exact_generic=False, generic_refusal=_refuse_decay_of_y,
+        effective_lr=Formula(schedulefree_adamw_rate) if _path.startswith("adamw_schedulefree.") else None,
         description="`wd*y` added to the normalized gradient, moving both y and z (ramped by its warm-up)"))
 register_optimizer("schedulefree.adamw_schedulefree_reference.AdamWScheduleFreeReference", OptimizerRule(
     own="decoupled", exact_generic=False, generic_refusal=_refuse_decay_of_y,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from torch.optim import Optimizer
 
+from lightning_wd.effective_lr import SIGN_UPDATE, Formula, adam_rate
 from lightning_wd.optimizers.directions import lion_direction
 from lightning_wd.optimizers.registry import Group, OptimizerRule, always, register_optimizer
 
@@ -46,7 +47,8 @@ def _register(module_and_name: str, **kw) -> None:
 DECOUPLED = "`p *= 1 - lr*wd` before the update (`corrected_weight_decay`: `lr**2/max_lr`)"
 for _path in ("lion.Lion", "nadamw.NAdamW", "adamw.AdamWLegacy"):
     _register(_path, own=_decoupled(), switches=_switches(), description=DECOUPLED,
-              update_direction=lion_direction if _path == "lion.Lion" else None)
+              update_direction=lion_direction if _path == "lion.Lion" else None,
+              effective_lr=SIGN_UPDATE if _path == "lion.Lion" else Formula(adam_rate))
 _register("rmsprop_tf.RMSpropTF", own=_decoupled("decoupled_decay"), switches=_switches("decoupled_decay"),
           description=f"L2 (`decoupled_decay=True`: {DECOUPLED})")
 _register(
@@ -63,8 +65,9 @@ _register("lars.Lars", own=None,
           generic_refusal=always("timm's Lars puts weight_decay into its trust ratio (`||g|| + wd*||p||`) and applies"
                                  " the ratio only while weight_decay != 0; use its own weight_decay without"
                                  " WeightDecay"),
+          effective_lr=Formula(None, "SGD scaled by a trust ratio per layer: no per-element rate"),
           description="`wd*p` added to the gradient inside its trust ratio, applied only while weight_decay != 0")
-_register("adamp.AdamP", own="decoupled", exact_generic=False,
+_register("adamp.AdamP", own="decoupled", exact_generic=False, effective_lr=Formula(adam_rate),
           description="`p *= 1 - lr*wd*wd_ratio` after its projection, before the update")
 _register("adan.Adan", own="decoupled", exact_generic=lambda g: g.get("no_prox", False),
           description="proximal `p /= 1 + lr*wd` after the update (`no_prox=True`: `p *= 1 - lr*wd` before)")

@@ -6,6 +6,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_wd.effective_lr import (
+    ORTHOGONALIZED,
+    PLAIN_LR,
     Formula,
     adafactor_rate,
     adagrad_rate,
@@ -71,7 +73,7 @@ DECOUPLED = "`p *= 1 - lr*wd` before the update"
 
 register_optimizer("torch.optim.SGD", OptimizerRule(
     own="coupled", update_direction=sgd_direction, description=L2,
-    effective_lr=Formula(None, "its rate is the lr itself for every element: use LearningRateMonitor")))
+    effective_lr=PLAIN_LR))
 register_optimizer("torch.optim.Adamax", OptimizerRule(
     own="coupled", update_direction=adam_direction, description=L2, effective_lr=Formula(adamax_rate)))
 register_optimizer("torch.optim.ASGD", OptimizerRule(
@@ -124,7 +126,7 @@ register_optimizer(
 )
 register_optimizer("torch.optim.Muon", OptimizerRule(
     own="decoupled", description=DECOUPLED,
-    effective_lr=Formula(None, "it orthogonalizes the whole update matrix: no elementwise rate")))
+    effective_lr=ORTHOGONALIZED))
 register_optimizer("torch.optim.SparseAdam", OptimizerRule(
     own=None, refuse=_sparse_adam, description="no weight_decay", effective_lr=Formula(sparse_adam_rate)))
 register_optimizer("torch.optim.Rprop", OptimizerRule(
