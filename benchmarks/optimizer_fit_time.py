@@ -32,7 +32,7 @@ def optimizers() -> dict[str, tuple[callable, int, list[tuple[str, str]]]]:
         "Lion (pytorch_optimizer)": (lambda p: lion(p, lr=1e-4, weight_decay=0.1), 1024,
                                      [("own", None), ("WeightDecay('decoupled') [native]", "decoupled"),
                                       ("WeightDecay('coupled') [generic]", "coupled")]),
-        "Muon (torch)": (lambda p: torch.optim.Muon(p, lr=1e-3, weight_decay=0.1), 256,
+        "Muon (torch)": (lambda p: torch.optim.Muon([q for q in p if q.ndim == 2], lr=1e-3, weight_decay=0.1), 256,
                          [("own", None), ("WeightDecay('decoupled') [native]", "decoupled"),
                           ("WeightDecay('coupled') [generic]", "coupled")]),
         "NAdam (torch, foreach)": (lambda p: torch.optim.NAdam(p, lr=1e-4, weight_decay=0.01, foreach=True), 1024,

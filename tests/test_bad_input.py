@@ -226,3 +226,12 @@ def test_at_one_and_a_half_times_two_to_the_minus_nine_most_weights_still_move_a
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # and no warning where every weight moves
         attach_weight_decay(Adam([nn.Parameter(torch.ones(2, dtype=torch.bfloat16))], lr=2**-8, weight_decay=1.0))
+
+
+def test_a_refusal_at_attach_leaves_the_groups_as_they_were():
+    opt = torch.optim.SparseAdam(SparseModule().parameters(), lr=0.1)
+    before = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    with pytest.raises(ValueError, match="SparseAdam"):
+        attach_weight_decay(opt, mode="coupled", weight_decay=0.1)  # the argument would have been written first
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == before
+    assert not opt._optimizer_step_pre_hooks

@@ -194,6 +194,17 @@ class AttachedWeightDecay:
         """Write the ``weight_decay`` argument into the groups not seen yet (all of them when ``restored`` from a
         checkpoint by ``load_state_dict``), check their mode record, record ours, and refuse a group whose decay
         cannot be had."""
+        snapshots = [(g, {k: v for k, v in g.items() if k != "params"}) for g in self.optimizer.param_groups]
+        try:
+            self._adopt_groups(restored)
+        except BaseException:  # a refusal leaves the groups as they were
+            for group, values in snapshots:
+                for key in [k for k in group if k != "params" and k not in values]:
+                    del group[key]
+                group.update(values)
+            raise
+
+    def _adopt_groups(self, restored: bool) -> None:
         for index, group in enumerate(self.optimizer.param_groups):
             if not restored and id(group["params"]) in self._seen:
                 continue
