@@ -207,6 +207,30 @@ def grid_of(rows: list[dict], mode: str, log_lrs: list[float], ys: list[float], 
     return mean, std
 
 
+def seed_cube(rows: list[dict], mode: str, log_lrs: list[float], ys: list[float], key: str) -> np.ndarray:
+    """``key`` for ``mode`` per seed, shaped ``[seed, wd, lr]`` (seeds in sorted order); NaN where no run was made."""
+    seeds = sorted({int(r["seed"]) for r in rows})
+    cube = np.full((len(seeds), len(ys), len(log_lrs)), np.nan)
+    index = {(y, lr): (i, j) for (i, y), (j, lr) in product(enumerate(ys), enumerate(log_lrs))}
+    for r in rows:
+        if r["mode"] == mode:
+            cell = index.get((0.0 if mode == "none" else float(r["log_wd"]), float(r["log_lr"])))
+            if cell is not None:
+                cube[(seeds.index(int(r["seed"])), *cell)] = float(r[key])
+    return cube
+
+
+def slope_range(cube: np.ndarray, ys: list[float], log_lrs: list[float], ok: np.ndarray) -> tuple[float, float]:
+    """The 10th and 90th percentiles of the separability slope over every resampling of the seeds with replacement
+    (27 for 3 seeds): how much of the slope is seed noise."""
+    n = cube.shape[0]
+    slopes = []
+    for pick in product(range(n), repeat=n):
+        b = np.array(ys)[argmin(cube[list(pick)].mean(axis=0), axis=0)]
+        slopes.append(np.polyfit(np.array(log_lrs)[ok], b[ok], 1)[0])
+    return float(np.percentile(slopes, 10)), float(np.percentile(slopes, 90))
+
+
 def argmin(grid: np.ndarray, axis: int | None = None) -> np.ndarray:
     """``argmin`` that skips cells not run (NaN); the first (smallest wd) on ties."""
     return np.where(np.isnan(grid), np.inf, grid).argmin(axis=axis)
@@ -267,7 +291,7 @@ def summary(rows: list[dict], modes: list[str], log_lrs: list[float], grids: dic
     ]
     per_lr = [f"| mode | {' | '.join(f'lr {fmt(x)}' for x in log_lrs)} |", "|---" * (len(log_lrs) + 1) + "|"]
     sep = [f"| mode: log10 of | best wd per lr by test loss, lr = {', '.join(fmt(x) for x in log_lrs)} | spread "
-           "| slope |", "|---|---|---|---|"]
+           "| slope (seed resamples) |", "|---|---|---|---|"]
     for mode in modes:
         ys = ys_of(mode, grids)
         err, err_sd = grid_of(rows, mode, log_lrs, ys, "test_err")
@@ -292,9 +316,13 @@ def summary(rows: list[dict], modes: list[str], log_lrs: list[float], grids: dic
             continue
         ok = decay_matters(loss, base)
         b = np.array(ys)[rows_best]
-        slope = f"{np.polyfit(np.array(log_lrs)[ok], b[ok], 1)[0]:+.2f}" if ok.sum() > 1 else "–"
+        slope, spread = "–", "–"
+        if ok.sum() > 1:
+            lo, hi = slope_range(seed_cube(rows, mode, log_lrs, ys, "test_loss"), ys, log_lrs, ok)
+            slope = f"{np.polyfit(np.array(log_lrs)[ok], b[ok], 1)[0]:+.2f} ({lo:+.2f} … {hi:+.2f})"
+        if ok.any():
+            spread = f"{np.ptp(b[ok]):g}"
         listed = ", ".join(f"{x:g}" if o else f"({x:g})" for x, o in zip(b, ok))
-        spread = f"{np.ptp(b[ok]):g}" if ok.any() else "–"
         sep.append(f"| {mode}: {UNITS[mode]} | {listed} | {spread} | {slope} |")
     n_shared, max_diff = shared_runs(rows)
     net = "LayerNorm" if norm == "layer" else "BatchNorm"
@@ -308,7 +336,9 @@ def summary(rows: list[dict], modes: list[str], log_lrs: list[float], grids: dic
     note = ("\nSeparability: for each lr, the log10 wd (in the mode's own units) with the lowest mean test loss. In"
             f" parentheses: lrs where no wd brings the test loss {100 * (1 - MATTERS):.0f} % below no decay's, so"
             " that the best wd is the argmin of a nearly flat column; they are left out of *spread* (max - min, in"
-            " decades) and *slope* (least-squares slope against log10(lr)). Slope 0: the best wd does not move with"
+            " decades) and *slope* (least-squares slope against log10(lr); in parentheses its 10th-90th percentile over"
+            " the resamplings of the seeds with replacement, each cell averaged over the resampled seeds; with 3"
+            " seeds this understates the noise). Slope 0: the best wd does not move with"
             " the lr (separable in that mode's units); in AdamW units, -1: only the per-step decay lr·wd matters,"
             " which is slope 0 in λ units (independent), where AdamW's slope 0 is +1.\n")
     if n_shared:
@@ -404,9 +434,19 @@ def main(argv: list[str] | None = None) -> None:
     csv_path = (args.out or HERE / "outputs") / f"{stem}.csv"  # the runs: examples/outputs unless --out
 
     start = time.perf_counter()
+    if not args.from_csv:
+        limit_threads()
+        rows = run_sweep(args.modes, cfg["log_lrs"], cfg["grids"], cfg["seeds"], cfg["epochs"], args.batch_size,
+                         args.norm, args.jobs)
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    # the table and the figure are made from the CSV, also right after training: one code path for both
+    with open(args.from_csv or csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
     if args.from_csv:
-        with open(args.from_csv, newline="") as f:
-            rows = list(csv.DictReader(f))
         modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
         cfg["log_lrs"] = sorted({float(r["log_lr"]) for r in rows})
         cfg["grids"] = {m: sorted({float(r["log_wd"]) for r in rows if r["mode"] == m}) for m in modes if m != "none"}
@@ -414,15 +454,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg["epochs"] = int(rows[0]["epochs"])
         args.norm = rows[0]["norm"]
     else:
-        limit_threads()
         modes = args.modes
-        rows = run_sweep(modes, cfg["log_lrs"], cfg["grids"], cfg["seeds"], cfg["epochs"], args.batch_size,
-                         args.norm, args.jobs)
-        csv_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
 
     table = summary(rows, modes, cfg["log_lrs"], cfg["grids"], cfg["seeds"], cfg["epochs"], args.norm)
     suffix = "_batchnorm" if args.norm == "batch" else ""
