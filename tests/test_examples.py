@@ -257,3 +257,42 @@ def test_a_quick_sweep_cell_equals_a_hand_written_run(quick_sweep, mode: str) ->
         assert got == want
     else:
         assert abs(got - want) <= 1e-6 * want, (got, want)
+
+
+# --- examples/lr_wd_sweep.py: its full grid runs only cells that lightning_wd accepts ------------------------------
+def test_lr_wd_sweep_skips_exactly_the_cells_that_lightning_wd_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """lightning_wd refuses a per-step decay of 1 or more; the full sweep's grid reaches it (lr 0.1 x wd 10), so the
+    script must leave those cells out instead of stopping there, and train every other cell."""
+    import importlib.util
+    import math
+    from itertools import product
+
+    from lightning_wd import attach_weight_decay
+
+    spec = importlib.util.spec_from_file_location("lr_wd_sweep", ROOT / "examples" / "lr_wd_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    log_lrs, log_wds = sweep.FULL["log_lrs"], sweep.FULL["log_wds"]
+    for mode, lr, wd in product(("coupled", "decoupled", "independent"), log_lrs, log_wds):
+        p = torch.nn.Parameter(torch.ones(2))
+        opt = torch.optim.Adam([p], lr=10.0**lr, weight_decay=10.0**wd)
+        handle = attach_weight_decay(opt, mode=mode)
+        p.grad = torch.ones(2)
+        try:
+            opt.step()
+            accepted = True
+        except ValueError:
+            accepted = False
+        finally:
+            handle.detach()
+        assert accepted != sweep.refused(mode, lr, wd), (mode, lr, wd)
+
+    trained = []
+    monkeypatch.setattr(sweep, "train_once", lambda data, mode, lr, wd, *rest: trained.append((mode, lr, wd)) or
+                        dict(val_err=0.0, test_err=0.0, test_loss=0.0))
+    sweep.run_sweep(list(sweep.MODES), log_lrs, log_wds, seeds=1, epochs=1, batch_size=128)
+    cells = {(m, lr, wd) for m, lr, wd in product(sweep.MODES, log_lrs, log_wds)}
+    refused = {(m, lr, wd) for m, lr, wd in cells if sweep.refused(m, lr, wd)}
+    assert refused and len(trained) == len(log_lrs) + len(cells) - len(refused)  # + the no-decay runs
+    assert not any(sweep.refused(m, round(math.log10(lr), 6), round(math.log10(wd), 6))
+                   for m, lr, wd in trained if wd > 0)
