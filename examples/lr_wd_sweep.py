@@ -73,12 +73,20 @@ def train_once(data: dict, mode: str, lr: float, wd: float, seed: int, epochs: i
                     test_loss=float(F.cross_entropy(logits, yt)))
 
 
+def refused(mode: str, log_lr: float, log_wd: float) -> bool:
+    """Whether lightning_wd refuses the cell: a per-step decay ``x`` of 1 or more at the peak lr (``p *= 1 - x``
+    zeroes or flips the weights); ``x = lr * wd`` decoupled, ``wd`` independent, none for coupled L2."""
+    lr, wd = 10.0**log_lr, 10.0**log_wd
+    return mode != "coupled" and (wd if mode == "independent" else lr * wd) >= 1
+
+
 def run_sweep(modes: list[str], log_lrs: list[float], log_wds: list[float], seeds: int, epochs: int,
               batch_size: int) -> list[dict]:
     data = load_split(seed=0)
     # wd = 0 is the same run in every mode: train it once per (lr, seed) and share it
     grid = [("none", lr, None, s) for lr, s in product(log_lrs, range(seeds))]
-    grid += [(m, lr, wd, s) for m, lr, wd, s in product(modes, log_lrs, log_wds, range(seeds))]
+    grid += [(m, lr, wd, s) for m, lr, wd, s in product(modes, log_lrs, log_wds, range(seeds))
+             if not refused(m, lr, wd)]  # not run: blank in the figure
     rows = []
     for mode, log_lr, log_wd, seed in tqdm(grid, desc="lr x wd sweep", unit="run"):
         wd = 0.0 if log_wd is None else 10.0**log_wd
@@ -214,7 +222,7 @@ def plot(rows: list[dict], views: list[View], log_lrs: list[float], log_wds: lis
                 if not np.isnan(v):
                     text = "inf" if np.isinf(v) else f"{v:.0f}" if v >= 10 else f"{v:.1f}" if row == 0 else f"{v:.2f}"
                     ax.text(j, i, text, ha="center", va="center", fontsize=6.5,
-                            color="white" if v < (vmin + vmax) / 2 else "black")
+                            color="white" if v > (vmin + vmax) / 2 else "black")
             cols = np.flatnonzero(cols)
             ax.plot(cols, argmin(g, axis=0)[cols], "o-", mfc="none", color="red", ms=10, mew=1.5, lw=0.8)
             ax.set_xticks(range(len(log_lrs)), [f"{x:g}" for x in log_lrs])
