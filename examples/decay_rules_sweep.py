@@ -50,7 +50,7 @@ from torch import nn
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "digits"))
-from digits import limit_threads, load_split  # noqa: E402
+from digits import limit_threads, load_split, train_cosine  # noqa: E402
 
 from lightning_wd import attach_weight_decay  # noqa: E402
 from lightning_wd.exclusion import excluded_parameters  # noqa: E402
@@ -117,16 +117,7 @@ def train(data: dict, mode: str, lr: float, wd: float, seed: int, epochs: int, b
     net = make_norm_net(norm=norm)
     opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=0.0 if mode == "none" else wd)
     handle = attach(opt, net, mode, lr)
-    x, y = data["train"]
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * math.ceil(len(x) / batch_size))
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=gen).split(batch_size):
-            loss = F.cross_entropy(net(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    train_cosine(net, opt, data["train"], epochs, batch_size, seed)
     if handle is not None:
         handle.detach()
     return net.eval()

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "digits"))
-from digits import limit_threads, load_split, make_net  # noqa: E402
+from digits import limit_threads, load_split, make_net, train_cosine  # noqa: E402
 
 from lightning_wd import attach_weight_decay  # noqa: E402
 
@@ -53,17 +53,7 @@ def train_once(data: dict, mode: str, lr: float, wd: float, seed: int, epochs: i
     net = make_net()
     opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=wd)
     handle = attach_weight_decay(opt, mode=mode)  # lr_max of "independent" = this initial lr
-    x, y = data["train"]
-    steps_per_epoch = math.ceil(len(x) / batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=gen).split(batch_size):
-            loss = F.cross_entropy(net(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    train_cosine(net, opt, data["train"], epochs, batch_size, seed)
     handle.detach()
     with torch.no_grad():
         (xv, yv), (xt, yt) = data["val"], data["test"]

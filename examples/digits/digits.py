@@ -57,6 +57,23 @@ def make_net(hidden: int = 128, depth: int = 2) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def train_cosine(net: nn.Module, opt: torch.optim.Optimizer, train: tuple[Tensor, Tensor], epochs: int,
+                 batch_size: int, seed: int) -> None:
+    """Cross-entropy training of ``net`` by ``opt`` for ``epochs``, the lr cosine-annealed to 0 over the run and the
+    batches shuffled in an order fixed by ``seed``: the plain loop of both sweeps (no Trainer: thousands of short
+    runs)."""
+    x, y = train
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * math.ceil(len(x) / batch_size))
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=gen).split(batch_size):
+            loss = F.cross_entropy(net(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+
+
 def make_optimizer(params, optimizer: OptimizerName, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """``adam``/``amsgrad``: ``torch.optim.Adam`` with its (coupled L2) ``weight_decay``, which ``WeightDecay`` takes
     over; ``adamw``: ``torch.optim.AdamW``, the reference that ``WeightDecay(mode="decoupled")`` must reproduce."""
