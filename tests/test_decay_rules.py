@@ -307,6 +307,16 @@ def test_timescale_in_epochs():
     assert t.optimizers[0].param_groups[0]["weight_decay"] == pytest.approx(1 / (LR * 24))
 
 
+def test_timescale_in_epochs_needs_no_end_of_the_run():
+    module = tiny_module(lambda m: Adam(m.parameters(), lr=LR))
+    t = fit(module, [WeightDecay(timescale=2, timescale_unit="epochs")], loader=make_loader(96), max_steps=-1,
+            max_epochs=-1, max_time={"seconds": 1}, limit_train_batches=3)  # stopped by time: no known length
+    assert t.optimizers[0].param_groups[0]["weight_decay"] == pytest.approx(1 / (LR * 2 * 3))
+    with pytest.raises(MisconfigurationException, match="length of the run"):
+        fit(tiny_module(lambda m: Adam(m.parameters(), lr=LR)), [WeightDecay(timescale=0.5)], max_steps=-1,
+            max_epochs=-1, max_time={"seconds": 1})
+
+
 def test_timescale_is_logged_for_any_configuration(tmp_path):
     _, t = lightning_run(Adam, WeightDecay(log_weight_decay=True), scheduler=True, logger=CSVLogger(tmp_path),
                          log_every_n_steps=1)

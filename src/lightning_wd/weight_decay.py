@@ -177,7 +177,7 @@ class WeightDecay(Callback):
                     self.stochastic_rounding,
                     schedule=self.schedule,
                     weight_decay_end=self.weight_decay_end,
-                    total_steps=_steps(total),
+                    total_steps=_steps(total) if self.schedule is not None else None,
                     uncorrected=uncorrected,
                     cautious=self.cautious,
                     timescale_steps=self._timescale_steps(trainer, total),
@@ -230,7 +230,7 @@ class WeightDecay(Callback):
         if self.timescale is None:
             return None
         if self.timescale_unit == "run":
-            return self.timescale * _steps(total)
+            return self.timescale * _steps(total)  # a run without an end is refused here, not with epochs
         if trainer.train_dataloader is None:  # as `estimated_stepping_batches` does, to know the epoch's length
             trainer.fit_loop.setup_data()
         if not math.isfinite(trainer.num_training_batches):
