@@ -24,7 +24,7 @@ from lightning_wd.effective_lr import (
     effective_lr,
     rate_statistics,
 )
-from lightning_wd.naming import optimizer_names
+from lightning_wd.naming import is_logging_step, optimizer_names
 from lightning_wd.optimizers import formula_for
 
 
@@ -159,14 +159,7 @@ class EffectiveLRMonitor(Callback):
 
     # --- on each optimizer step ---------------------------------------------------------------------------------
     def _should_log(self) -> bool:
-        trainer = self._trainer
-        if trainer is None or not trainer.loggers:  # the same on every rank, so no rank skips a collective
-            return False
-        every = self.log_every_n_steps or trainer.log_every_n_steps
-        if not every:
-            return False
-        # `+ 1`: the step counter moves on after this batch, as in Lightning's own `should_update_logs`
-        return (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % every == 0
+        return self._trainer is not None and is_logging_step(self._trainer, self.log_every_n_steps)
 
     def _make_hook(self, opt_name: str, formula: Formula) -> Any:
         def hook(optimizer: Optimizer, args: tuple, kwargs: dict) -> None:

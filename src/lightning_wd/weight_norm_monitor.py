@@ -21,7 +21,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_wd.attach import AttachedWeightDecay, _closure_of
 from lightning_wd.effective_lr_monitor import _shard_groups
 from lightning_wd.modes import per_step_decay
-from lightning_wd.naming import optimizer_names
+from lightning_wd.naming import is_logging_step, optimizer_names
 from lightning_wd.optimizers import rule_for
 from lightning_wd.weight_decay import WeightDecay
 from lightning_wd.weight_norm import (
@@ -59,17 +59,6 @@ def sum_over_shards_(squares: Tensor, params: Sequence[Tensor]) -> None:
         if not whole:
             for k, i in enumerate(rows):
                 squares[i] = sub[k]
-
-
-def is_logging_step(trainer: pl.Trainer, every: int | None) -> bool:
-    """Whether the optimizer step in progress is a logging step: every ``every`` steps, else every
-    ``trainer.log_every_n_steps``, and only with loggers. The rule of ``EffectiveLRMonitor``, so that the two monitors
-    log at the same steps; the same on every rank, so that no rank skips a collective."""
-    if not trainer.loggers:
-        return False
-    every = every or trainer.log_every_n_steps
-    # `+ 1`: the step counter moves on after this batch, as in Lightning's own `should_update_logs`
-    return bool(every) and (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % every == 0
 
 
 class _Scalars:
