@@ -16,27 +16,23 @@ from lightning_wd.optimizers import (  # noqa: F401  (each registers its family'
     transformers,
 )
 from lightning_wd.optimizers.registry import (
-    RULES,
     UNKNOWN,
     OptimizerRule,
     always,
     formula_for,
     group_lr,
     register_optimizer,
-    registered,
     rule_for,
     switch,
 )
 
 __all__ = [
-    "RULES",
     "UNKNOWN",
     "OptimizerRule",
     "always",
     "formula_for",
     "group_lr",
     "register_optimizer",
-    "registered",
     "rule_for",
     "switch",
 ]

@@ -7,16 +7,12 @@ gradient the way the optimizer will compute it, one chunk at a time, never as a 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_wd.decay import local_tensor
+from lightning_wd.decay import Direction, local_tensor
 from lightning_wd.optimizers.registry import Group
-
-Direction = Callable[[int, int], Tensor]
 
 __all__ = ["Direction", "adam_direction", "gradient_direction", "lion_direction", "sgd_direction"]
 

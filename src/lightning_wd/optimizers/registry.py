@@ -26,9 +26,6 @@ from torch.optim import Optimizer
 Scalar = Union[float, Tensor]
 Group = Mapping[str, Any]
 
-#: the rules a ``mode`` of lightning_wd can ask for
-RULES: tuple[str, ...] = ("decoupled", "coupled", "independent", "corrected")
-
 GroupTest = Callable[[Group], bool]
 Refusal = Callable[[Optimizer, Group, str], Union[str, None]]
 
@@ -40,7 +37,6 @@ __all__ = [
     "group_lr",
     "switch",
     "register_optimizer",
-    "registered",
     "rule_for",
 ]
 
@@ -183,8 +179,3 @@ def switch(key: str, when_true: str | None, when_false: str | None, default: boo
            ) -> Callable[[Optimizer, Group], str | None]:
     """An ``own`` rule chosen by one boolean group key (missing: ``default``)."""
     return lambda optimizer, group: when_true if group.get(key, default) else when_false
-
-
-def registered() -> dict[str, OptimizerRule]:
-    """Every entry registered by import path (the compatibility table's rows)."""
-    return dict(_BY_PATH)
