@@ -1,16 +1,17 @@
-"""The EffectiveLRMonitor's statistics pass (``lightning_wd.effective_lr``) against its earlier version and its
+"""The EffectiveLRMonitor's statistics pass (``lightning_wd.effective_lr``) against its earlier versions and its
 alternatives.
 
 Prints, on one device, each as a ratio to a reference measured in the same run:
 1. the pass over the second moments of a fused AdamW's 8 x Linear(1024) right after its step (v in memory, not in
-   cache), ms per million elements: the current pass against the earlier one (``_stats_v1.py``: a histogram of
-   ``v_hat``, then a separate division and square root), and the chunk sizes;
-2. the fixed cost per parameter: a param group of 2,000 small parameters, current against earlier;
-3. the histogram kernels tried for the median, on the same int32 bin indices;
-4. the statistics of one large tensor in chunks (the default) against all at once;
-5. where the time of the pass goes, op by op (torch profiler), over several 1M-element second moments;
-6. with ``--compile``, a ``torch.compile``d pass that fuses the square root, division, min, max, sum and bin index
-   into one kernel (plus the same ``bincount``), against the eager pass; it also prints the compile time.
+   cache), ms per million elements: the fused C kernel (the CPU default where the optional extension was built)
+   against the eager torch pass (the accelerator path, and the CPU fallback) in three chunk sizes and against the
+   earliest one (``_stats_v1.py``: a histogram of ``v_hat``, then a separate division and square root);
+2. the fixed cost per parameter: a param group of 2,000 small parameters, the same versions;
+3. the histogram kernels tried for the median in the eager pass, on the same int32 bin indices;
+4. the eager pass over one large tensor in chunks (the default) against all at once;
+5. where the time of the eager pass goes, op by op (torch profiler), over several 1M-element second moments;
+6. with ``--compile``, a ``torch.compile``d eager pass that fuses the square root, division, min, max, sum and bin
+   index into one kernel (plus the same ``bincount``), against the eager pass; it also prints the compile time.
 
     OMP_NUM_THREADS=1 python benchmarks/stats_pass.py [--compile]     # CPU (or --device cuda)
 """
@@ -18,14 +19,27 @@ Prints, on one device, each as a ratio to a reference measured in the same run:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
+from collections.abc import Iterator
 
 import _stats_v1 as v1
 import torch
 from _common import interleaved_medians, sync
 
 import lightning_wd.effective_lr as el
+
+
+@contextlib.contextmanager
+def eager_only() -> Iterator[None]:
+    """The eager torch pass, as where the C extension was not built (and on an accelerator)."""
+    kernel = el._kernel
+    el._kernel = None
+    try:
+        yield
+    finally:
+        el._kernel = kernel
 
 
 def second_moments(count: int, numel: int, device: torch.device) -> list[torch.Tensor]:
@@ -65,11 +79,14 @@ def against_v1(device: torch.device, repeats: int) -> None:
     millions = sum(p.numel() for p in weights) / 1e6
     default = el.chunk_elements(device)
     original = el.chunk_elements
-    passes = {"earlier pass (v1: histogram of v_hat)": None, **{f"current pass, chunks of {c:,}": c
-                                                             for c in (default // 2, default, default * 2)}}
+    fused = el.fused_kernel_available() and device.type == "cpu"
+    passes = {"earlier pass (v1: histogram of v_hat)": None,
+              **{f"eager pass, chunks of {c:,}": c for c in (default // 2, default, default * 2)}}
+    if fused:
+        passes["fused C kernel (the CPU default)"] = 0
     times: dict[str, list[float]] = {k: [] for k in passes}
     v1_scratch = v1.make_scratch(1 << 30, device)
-    scratch = {c: el.make_scratch(c, device) for c in passes.values() if c is not None}
+    scratch = {c: el.make_scratch(c, device) for c in passes.values() if c}
     try:
         for _ in range(repeats):
             for name, chunk in passes.items():
@@ -79,15 +96,17 @@ def against_v1(device: torch.device, repeats: int) -> None:
                 if chunk is None:
                     for s in states:
                         v1.adam_partial_stats(s, group, v1_scratch)
+                elif chunk == 0:
+                    accumulate([el.adam_rate(s, group, p) for s, p in zip(states, weights)], None)
                 else:
                     el.chunk_elements = lambda d, c=chunk: c
-                    specs = [el.adam_rate(s, group, p) for s, p in zip(states, weights)]
-                    accumulate(specs, scratch[chunk])
+                    with eager_only():
+                        accumulate([el.adam_rate(s, group, p) for s, p in zip(states, weights)], scratch[chunk])
                 sync(device)
                 times[name].append(time.perf_counter() - start)
     finally:
         el.chunk_elements = original
-    ref = statistics.median(times[f"current pass, chunks of {default:,}"])
+    ref = statistics.median(times["fused C kernel (the CPU default)" if fused else f"eager pass, chunks of {default:,}"])
     print(f"\n1. the pass over the 8 x Linear(1024) weights' second moments ({millions:.1f}M elements) of a fused"
           f" AdamW right after its step, {repeats} repeats")
     for name, ts in times.items():
@@ -108,9 +127,16 @@ def per_parameter_cost(device: torch.device, repeats: int, n: int = 2000) -> Non
     def current() -> None:
         el.rate_statistics([el.adam_rate(s, group, p) for s, p in zip(states, params)])
 
-    times = interleaved_medians({"earlier (v1: stacked rows)": lambda: v1.group_statistics(states, group),
-                                 "current (streamed in blocks)": current}, repeats, device)
-    ref = times["current (streamed in blocks)"]
+    def eager() -> None:
+        with eager_only():
+            current()
+
+    fns = {"earlier (v1: stacked rows)": lambda: v1.group_statistics(states, group),
+           "eager pass (streamed in blocks)": eager}
+    if el.fused_kernel_available() and device.type == "cpu":
+        fns["fused C kernel (streamed in blocks)"] = current
+    times = interleaved_medians(fns, repeats, device)
+    ref = times[list(fns)[-1]]
     print(f"\n2. one param group of {n:,} parameters of 64 elements, statistics of each and of the group")
     for name, t in times.items():
         print(f"   {name:46s} {t * 1e6 / n:8.1f} us per parameter  {t / ref:5.2f}x")
@@ -221,10 +247,11 @@ def main() -> None:
     per_parameter_cost(device, max(3, args.repeats // 3))
     vs = second_moments(8, 1 << 20, device)
     histogram_kernels(vs[0], args.repeats)
-    chunks(torch.cat(vs) if device.type == "cpu" else torch.cat(vs * 8), args.repeats)
-    breakdown(vs)
-    if args.compile:
-        compiled(vs, args.repeats)
+    with eager_only():
+        chunks(torch.cat(vs) if device.type == "cpu" else torch.cat(vs * 8), args.repeats)
+        breakdown(vs)
+        if args.compile:
+            compiled(vs, args.repeats)
 
 
 if __name__ == "__main__":
