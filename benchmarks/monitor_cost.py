@@ -7,6 +7,9 @@ nothing). The cost at an interval ``N`` is then ``extra / (N * step)``. The mode
 stack of ``Linear`` layers, the monitor's worst case: its step does little but the optimizer's passes, which the
 monitor's statistics match in size.
 
+On a CPU where the optional C extension was built, each round also fits the monitor with its eager torch pass (the
+fallback without the extension), so that the two passes are compared in the same run.
+
     OMP_NUM_THREADS=1 python benchmarks/monitor_cost.py     # CPU (or --device cuda)
 """
 
@@ -22,6 +25,7 @@ import torch
 from _common import fit_wide
 from lightning.pytorch.callbacks import Callback
 
+import lightning_wd.effective_lr as el
 from lightning_wd import EffectiveLRMonitor
 
 
@@ -69,24 +73,35 @@ def main() -> None:
     n = args.width * (args.width + 1) * args.depth
     print(f"device={args.device} model={args.depth}x Linear({args.width}) = {n:,} params, batch 4, "
           f"{args.steps} steps ({args.warmup} warm-up), monitor every {args.every} steps, {args.rounds} rounds")
-    print(f"\n{'optimizer':14s} {'AdamW ms':>9s} {'non-log ms':>10s} {'vs AdamW':>8s} {'log-step extra ms':>17s} "
-          f"{'every step':>10s} {'every 50':>8s}")
+    print(f"\n{'optimizer, statistics pass':32s} {'AdamW ms':>9s} {'non-log ms':>10s} {'vs AdamW':>8s} "
+          f"{'log-step extra ms':>17s} {'every step':>10s} {'every 50':>8s}")
+    passes = ["eager pass"]
+    if el.fused_kernel_available() and args.device == "cpu":
+        passes.insert(0, "fused C kernel")
+    kernel = el._kernel
     with tempfile.TemporaryDirectory() as log_dir:
         for fused in (False, True):
             ref: list[float] = []
-            plain: list[float] = []
-            logging_: list[float] = []
+            plain: dict[str, list[float]] = {p: [] for p in passes}
+            logging_: dict[str, list[float]] = {p: [] for p in passes}
             for _ in range(args.rounds):
                 ref += fit(fused, None, args, log_dir)
-                times = fit(fused, args.every, args, log_dir)
-                # step i (counted from 0 before the warm-up cut) logs when (i + 1) % every == 0
-                for i, t in enumerate(times, start=args.warmup):
-                    (logging_ if (i + 1) % args.every == 0 else plain).append(t)
-            base, step = statistics.median(ref), statistics.median(plain)
-            extra = statistics.median(logging_) - step
-            name = "AdamW(fused)" if fused else "AdamW(foreach)"
-            print(f"{name:14s} {base * 1e3:9.2f} {step * 1e3:10.2f} {step / base:8.3f} {extra * 1e3:17.2f} "
-                  f"{1 + extra / base:9.2f}x {extra / (50 * base):8.2%}")
+                for p in passes:
+                    el._kernel = kernel if p == "fused C kernel" else None
+                    try:
+                        times = fit(fused, args.every, args, log_dir)
+                    finally:
+                        el._kernel = kernel
+                    # step i (counted from 0 before the warm-up cut) logs when (i + 1) % every == 0
+                    for i, t in enumerate(times, start=args.warmup):
+                        (logging_[p] if (i + 1) % args.every == 0 else plain[p]).append(t)
+            base = statistics.median(ref)
+            for p in passes:
+                step = statistics.median(plain[p])
+                extra = statistics.median(logging_[p]) - step
+                name = f"{'AdamW(fused)' if fused else 'AdamW(foreach)'}, {p}"
+                print(f"{name:32s} {base * 1e3:9.2f} {step * 1e3:10.2f} {step / base:8.3f} {extra * 1e3:17.2f} "
+                      f"{1 + extra / base:9.2f}x {extra / (50 * base):8.2%}")
     print("\nevery step: the step time with a logging step on each step, as a multiple of AdamW's;"
           " every 50: the share of fit time the monitor adds at its default interval (extra / (50 x AdamW step)).")
 

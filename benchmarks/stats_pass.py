@@ -106,7 +106,8 @@ def against_v1(device: torch.device, repeats: int) -> None:
                 times[name].append(time.perf_counter() - start)
     finally:
         el.chunk_elements = original
-    ref = statistics.median(times["fused C kernel (the CPU default)" if fused else f"eager pass, chunks of {default:,}"])
+    ref_name = "fused C kernel (the CPU default)" if fused else f"eager pass, chunks of {default:,}"
+    ref = statistics.median(times[ref_name])
     print(f"\n1. the pass over the 8 x Linear(1024) weights' second moments ({millions:.1f}M elements) of a fused"
           f" AdamW right after its step, {repeats} repeats")
     for name, ts in times.items():

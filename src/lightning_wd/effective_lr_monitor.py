@@ -65,11 +65,12 @@ class EffectiveLRMonitor(Callback):
 
     ``{optimizer}`` is the class name, with ``-k`` for its k-th repeat (``Adam``, ``Adam-1``). Nothing is computed
     on other steps; on a logging step the statistics are computed on the device and reach the host in one transfer.
-    Each parameter is worked through in chunks of :func:`lightning_wd.effective_lr.chunk_elements` elements in one
-    scratch buffer, and reduced to its four numbers a block of parameters at a time, so the extra memory grows
-    neither with the largest parameter nor with the number of parameters (but for the 16 bytes per parameter of the
-    logged numbers). ``min``, ``max`` and ``mean`` are exact; ``median`` is the lower median read from a histogram
-    of the rate (128 bins per power of two, read off the fp32 bits), within a relative error of
+    On a CPU each state is read once by a fused C kernel (:func:`lightning_wd.effective_lr.fused_kernel_available`);
+    otherwise each parameter is worked through in chunks of :func:`lightning_wd.effective_lr.chunk_elements`
+    elements in one scratch buffer. Either way it is reduced to its four numbers a block of parameters at a time, so
+    the extra memory grows neither with the largest parameter nor with the number of parameters (but for the 16 bytes
+    per parameter of the logged numbers). ``min``, ``max`` and ``mean`` are exact; ``median`` is the lower median
+    read from a histogram of the rate (128 bins per power of two, read off the fp32 bits), within a relative error of
     :func:`lightning_wd.effective_lr.histogram_median_rel_error` (0.39%): an exact median costs a sort or a
     selection per parameter, several times the rest of the work. For parameters sharded across processes (FSDP2
     ``DTensor``) the statistics are over the whole parameter: every rank takes part in the reduction of the
