@@ -175,3 +175,17 @@ def test_optimizer_formulas_reach_the_kernel_and_give_the_eager_statistics(monke
         for row, rate in zip(with_kernel, [*rates, torch.cat(rates)]):  # the medians against the exact ones
             exact = torch.sort(rate).values[(rate.numel() - 1) // 2].item()
             assert abs(row[3].item() / exact - 1) <= el.histogram_median_rel_error()
+
+
+def test_no_scratch_is_made_where_the_kernel_takes_every_spec(monkeypatch):
+    made = []
+    real = el.make_scratch
+    monkeypatch.setattr(el, "make_scratch", lambda n, d: made.append(n) or real(n, d))
+    u = spread(5000, 8)
+    rate_statistics([state_spec(u), state_spec(u[:100])])
+    assert made == []
+    own = RateSpec(3e-4, 1e-8, 100, lambda a, b, out: torch.sqrt(u[a:b], out=out), CPU)  # the eager pass's
+    stats = rate_statistics([state_spec(u), own])
+    assert made == [5000]  # one scratch, for the largest chunk of the group, made at the first spec that needs it
+    rate = exact_rates(u, 3e-4, 1e-8)
+    assert stats[0, 0] == rate.min() and stats[0, 1] == rate.max()

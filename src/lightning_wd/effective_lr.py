@@ -576,6 +576,11 @@ def accumulate_partials(spec: RateSpec, ext: Tensor, sums: Tensor, scratch: Tens
     """
     if spec.numel == 0 or _accumulate_fused(spec, ext, sums):
         return
+    _accumulate_eager(spec, ext, sums, scratch)
+
+
+def _accumulate_eager(spec: RateSpec, ext: Tensor, sums: Tensor, scratch: Tensor) -> None:
+    """:func:`accumulate_partials` by torch ops, chunk by chunk through ``scratch``."""
     # below this many elements a chunk's counts go straight into the row (`index_add_`): `bincount` fills and adds
     # a count for every possible bin, ~15 us whatever the chunk (benchmarks/stats_pass.py)
     small = 1 << 14
@@ -702,7 +707,16 @@ def rate_statistics(
     largest: dict[torch.device, int] = {}
     for spec in specs:
         largest[spec.device] = max(largest.get(spec.device, 0), _chunk(spec))
-    scratch = {d: make_scratch(n, d) for d, n in largest.items()}
+    # made at the first spec that needs one: none where the fused kernel takes every spec
+    scratch: dict[torch.device, Tensor] = {}
+
+    def accumulate(spec: RateSpec, ext: Tensor, sums: Tensor) -> None:
+        if spec.numel == 0 or _accumulate_fused(spec, ext, sums):
+            return
+        if spec.device not in scratch:
+            scratch[spec.device] = make_scratch(largest[spec.device], spec.device)
+        _accumulate_eager(spec, ext, sums, scratch[spec.device])
+
     # a row for a spec on another device than the blocks' (a group that spans devices)
     detour = {d: _Block(1, d) for d in largest if d != device}
 
@@ -734,11 +748,11 @@ def rate_statistics(
         block = blocks[token]
         r = len(block.index)
         if spec.device == device:
-            accumulate_partials(spec, block.partials.ext[r], block.partials.sums[r], scratch[spec.device])
+            accumulate(spec, block.partials.ext[r], block.partials.sums[r])
         else:
             row = detour[spec.device]
             row.reset()
-            accumulate_partials(spec, row.partials.ext[0], row.partials.sums[0], scratch[spec.device])
+            accumulate(spec, row.partials.ext[0], row.partials.sums[0])
             block.partials.ext[r].copy_(row.partials.ext[0])
             block.partials.sums[r].copy_(row.partials.sums[0])
         block.index.append(i)
