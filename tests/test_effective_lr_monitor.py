@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import logging
 import math
 import os
 from collections import defaultdict
@@ -15,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
+import lightning_wd.effective_lr as el
 from lightning_wd import EffectiveLRMonitor, WeightDecay
 from lightning_wd.effective_lr import effective_lr, histogram_median_rel_error
 from lightning_wd.optimizers import formula_for
@@ -115,9 +117,16 @@ CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("statistics_pass", ["fused", "eager"])
 @pytest.mark.parametrize("scheduler", [False, True], ids=["const_lr", "steplr"])
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_logged_statistics_match_reference_at_every_logged_step(tmp_path, config, scheduler):
+def test_logged_statistics_match_reference_at_every_logged_step(tmp_path, config, scheduler, statistics_pass,
+                                                                 monkeypatch):
+    """With the fused C kernel (the CPU default where it was built) and with the eager torch pass."""
+    if statistics_pass == "eager":
+        monkeypatch.setattr(el, "_kernel", None)
+    elif not el.fused_kernel_available():
+        pytest.skip("the optional C extension lightning_wd._rate_kernel was not built")
     ref = RateRecorder(adam_reference_rate)
     trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor(), ref], max_steps=12, log_every_n_steps=3)
     trainer.fit(Net(CONFIGS[config], scheduler), loader())
@@ -349,3 +358,17 @@ def test_histogram_of_log10_effective_lr_in_tensorboard(tmp_path):
 def test_bad_arguments_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EffectiveLRMonitor(**kwargs)
+
+
+def test_a_cpu_run_without_the_fused_kernel_says_so_once(tmp_path, monkeypatch, caplog):
+    """pip shows an optional extension's failed build only with -v: the monitor says what the fallback costs."""
+    make = CONFIGS["adam"]
+    for built in (True, False):
+        if not built:
+            monkeypatch.setattr(el, "_kernel", None)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+            make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor()], max_steps=2, log_every_n_steps=1).fit(
+                Net(make), loader())
+        said = [r for r in caplog.records if "fused CPU kernel" in r.getMessage()]
+        assert len(said) == (0 if built and el.fused_kernel_available() else 1)

@@ -227,6 +227,7 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_rate_kernel",
-                                    "The fused statistics pass of lightning_wd.effective_lr (CPU).", -1, methods};
+                                    "The fused statistics pass of lightning_wd.effective_lr (CPU).", -1, methods,
+                                    NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__rate_kernel(void) { return PyModule_Create(&module); }

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
@@ -22,6 +22,7 @@ from lightning_wd.effective_lr import (
     Partials,
     RateSpec,
     effective_lr,
+    fused_kernel_available,
     rate_statistics,
 )
 from lightning_wd.naming import is_logging_step, optimizer_names
@@ -144,6 +145,13 @@ class EffectiveLRMonitor(Callback):
         if skipped:
             what = "; ".join(f"{cls} ({why})" for cls, why in sorted(skipped.items()))
             rank_zero_warn(f"EffectiveLRMonitor skips {what}.")
+        if self._handles and not fused_kernel_available() and pl_module.device.type == "cpu":
+            # pip shows the optional extension's failed build only with -v: say once what it costs
+            rank_zero_info(
+                "EffectiveLRMonitor: the fused CPU kernel (the optional C extension lightning_wd._rate_kernel) was not"
+                " built, so a logging step computes its statistics with torch ops, about twice the time. Reinstall"
+                " lightning-wd with a C compiler available to build it."
+            )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
