@@ -2,7 +2,7 @@
 of the optimizer state (``src/lightning_wd/_rate_kernel.c``). Everything else is in ``pyproject.toml``.
 
 ``optional=True``: without a C compiler the install goes on without it, and the monitor uses its eager torch pass
-(the same statistics, about 2.5x the time on a CPU; BENCHMARKS.md).
+(the same statistics, about twice the time on a CPU; BENCHMARKS.md).
 """
 
 import sys

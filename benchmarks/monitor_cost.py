@@ -16,6 +16,7 @@ fallback without the extension), so that the two passes are compared in the same
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
@@ -78,7 +79,6 @@ def main() -> None:
     passes = ["eager pass"]
     if el.fused_kernel_available() and args.device == "cpu":
         passes.insert(0, "fused C kernel")
-    kernel = el._kernel
     with tempfile.TemporaryDirectory() as log_dir:
         for fused in (False, True):
             ref: list[float] = []
@@ -87,11 +87,8 @@ def main() -> None:
             for _ in range(args.rounds):
                 ref += fit(fused, None, args, log_dir)
                 for p in passes:
-                    el._kernel = kernel if p == "fused C kernel" else None
-                    try:
+                    with el.fused_kernel_disabled() if p == "eager pass" else contextlib.nullcontext():
                         times = fit(fused, args.every, args, log_dir)
-                    finally:
-                        el._kernel = kernel
                     # step i (counted from 0 before the warm-up cut) logs when (i + 1) % every == 0
                     for i, t in enumerate(times, start=args.warmup):
                         (logging_[p] if (i + 1) % args.every == 0 else plain[p]).append(t)

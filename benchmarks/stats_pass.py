@@ -19,27 +19,14 @@ Prints, on one device, each as a ratio to a reference measured in the same run:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
-from collections.abc import Iterator
 
 import _stats_v1 as v1
 import torch
 from _common import interleaved_medians, sync
 
 import lightning_wd.effective_lr as el
-
-
-@contextlib.contextmanager
-def eager_only() -> Iterator[None]:
-    """The eager torch pass, as where the C extension was not built (and on an accelerator)."""
-    kernel = el._kernel
-    el._kernel = None
-    try:
-        yield
-    finally:
-        el._kernel = kernel
 
 
 def second_moments(count: int, numel: int, device: torch.device) -> list[torch.Tensor]:
@@ -100,7 +87,7 @@ def against_v1(device: torch.device, repeats: int) -> None:
                     accumulate([el.adam_rate(s, group, p) for s, p in zip(states, weights)], None)
                 else:
                     el.chunk_elements = lambda d, c=chunk: c
-                    with eager_only():
+                    with el.fused_kernel_disabled():
                         accumulate([el.adam_rate(s, group, p) for s, p in zip(states, weights)], scratch[chunk])
                 sync(device)
                 times[name].append(time.perf_counter() - start)
@@ -129,7 +116,7 @@ def per_parameter_cost(device: torch.device, repeats: int, n: int = 2000) -> Non
         el.rate_statistics([el.adam_rate(s, group, p) for s, p in zip(states, params)])
 
     def eager() -> None:
-        with eager_only():
+        with el.fused_kernel_disabled():
             current()
 
     fns = {"earlier (v1: stacked rows)": lambda: v1.group_statistics(states, group),
@@ -248,7 +235,7 @@ def main() -> None:
     per_parameter_cost(device, max(3, args.repeats // 3))
     vs = second_moments(8, 1 << 20, device)
     histogram_kernels(vs[0], args.repeats)
-    with eager_only():
+    with el.fused_kernel_disabled():
         chunks(torch.cat(vs) if device.type == "cpu" else torch.cat(vs * 8), args.repeats)
         breakdown(vs)
         if args.compile:

@@ -32,8 +32,9 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -76,6 +77,7 @@ __all__ = [
     "effective_lr",
     "empty_partials",
     "fused_kernel_available",
+    "fused_kernel_disabled",
     "histogram_median_rel_error",
     "make_scratch",
     "radam_rate",
@@ -463,13 +465,33 @@ def fused_kernel_available() -> bool:
     """Whether the fused CPU pass of :func:`accumulate_partials` was built (the optional C extension
     ``lightning_wd._rate_kernel``; installing from source with a C compiler builds it).
 
-    It reads a CPU state once and computes the rate, its min, max, sum and histogram in the same pass: about 0.4x
-    the time of the eager torch ops it replaces (``benchmarks/stats_pass.py``). It gives the same statistics, with
+    It reads a CPU state once and computes the rate, its min, max, sum and histogram in the same pass: about half
+    the time of the eager torch ops it replaces (0.91 against 1.7 ms per million elements on one thread of the
+    development machine, ``benchmarks/stats_pass.py``). It gives the same statistics, with
     one difference: torch's CPU ``sqrt`` may round an element's root one ulp away from the correctly rounded one
     that the kernel computes, which can move that element's rate by an ulp (and, rarely, across a bin's edge).
     Without the extension, or for a state it does not read, the eager pass runs.
     """
     return _kernel is not None
+
+
+@contextlib.contextmanager
+def fused_kernel_disabled() -> Iterator[None]:
+    """Within it, the statistics go through the eager torch pass even where the fused kernel was built: to compare
+    the two, or to rule the kernel out.
+
+    Example::
+
+        >>> with fused_kernel_disabled():
+        ...     fused_kernel_available()
+        False
+    """
+    global _kernel
+    kernel, _kernel = _kernel, None
+    try:
+        yield
+    finally:
+        _kernel = kernel
 
 
 def _host_scalar(x: Scalar) -> float | None:
@@ -498,7 +520,6 @@ def _accumulate_fused(spec: RateSpec, ext: Tensor, sums: Tensor) -> bool:
     _kernel.accumulate(fill.flat.data_ptr(), spec.numel, dtype, fill.root, scale, eps, ext.data_ptr(),
                        sums.data_ptr(), _FIRST_BIN_BITS, HIST_BINS, _SHIFT)
     return True
-
 
 
 def chunk_elements(device: torch.device) -> int:
