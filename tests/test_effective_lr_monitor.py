@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import logging
@@ -120,16 +121,14 @@ CONFIGS = {
 @pytest.mark.parametrize("statistics_pass", ["fused", "eager"])
 @pytest.mark.parametrize("scheduler", [False, True], ids=["const_lr", "steplr"])
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_logged_statistics_match_reference_at_every_logged_step(tmp_path, config, scheduler, statistics_pass,
-                                                                 monkeypatch):
+def test_logged_statistics_match_reference_at_every_logged_step(tmp_path, config, scheduler, statistics_pass):
     """With the fused C kernel (the CPU default where it was built) and with the eager torch pass."""
-    if statistics_pass == "eager":
-        monkeypatch.setattr(el, "_kernel", None)
-    elif not el.fused_kernel_available():
+    if statistics_pass == "fused" and not el.fused_kernel_available():
         pytest.skip("the optional C extension lightning_wd._rate_kernel was not built")
     ref = RateRecorder(adam_reference_rate)
     trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor(), ref], max_steps=12, log_every_n_steps=3)
-    trainer.fit(Net(CONFIGS[config], scheduler), loader())
+    with el.fused_kernel_disabled() if statistics_pass == "eager" else contextlib.nullcontext():
+        trainer.fit(Net(CONFIGS[config], scheduler), loader())
     logged = read_metrics(str(tmp_path))
     steps = sorted(s for s in logged if any(k.startswith("effective_lr/") for k in logged[s]))
     assert steps == [2, 5, 8, 11]
@@ -360,14 +359,13 @@ def test_bad_arguments_are_refused(kwargs, match):
         EffectiveLRMonitor(**kwargs)
 
 
-def test_a_cpu_run_without_the_fused_kernel_says_so_once(tmp_path, monkeypatch, caplog):
+def test_a_cpu_run_without_the_fused_kernel_says_so_once(tmp_path, caplog):
     """pip shows an optional extension's failed build only with -v: the monitor says what the fallback costs."""
     make = CONFIGS["adam"]
     for built in (True, False):
-        if not built:
-            monkeypatch.setattr(el, "_kernel", None)
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        without = el.fused_kernel_disabled() if not built else contextlib.nullcontext()
+        with without, caplog.at_level(logging.INFO, logger="lightning.pytorch"):
             make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor()], max_steps=2, log_every_n_steps=1).fit(
                 Net(make), loader())
         said = [r for r in caplog.records if "fused CPU kernel" in r.getMessage()]

@@ -52,9 +52,8 @@ def fused(spec: RateSpec) -> el.Partials:
     return el.Partials(ext, sums)
 
 
-def eager(spec: RateSpec, monkeypatch) -> el.Partials:
-    with monkeypatch.context() as m:
-        m.setattr(el, "_kernel", None)
+def eager(spec: RateSpec) -> el.Partials:
+    with el.fused_kernel_disabled():
         ext, sums = empty_partials(1, CPU)
         accumulate_partials(spec, ext[0], sums[0], make_scratch(el._chunk(spec), CPU))
     return el.Partials(ext, sums)
@@ -118,10 +117,10 @@ def test_kernel_combines_into_a_row_that_already_holds_statistics():
 
 
 @pytest.mark.parametrize("n", [3000, 250_000])
-def test_kernel_and_eager_pass_agree_but_for_torch_roots_an_ulp_off(n, monkeypatch):
+def test_kernel_and_eager_pass_agree_but_for_torch_roots_an_ulp_off(n):
     u = spread(n, 20, seed=n)
     spec = state_spec(u)
-    k, e = fused(spec), eager(spec, monkeypatch)
+    k, e = fused(spec), eager(spec)
     roots = torch.sqrt(u)  # the eager pass's: torch's CPU sqrt, within an ulp of the correctly rounded one
     ulps = (roots.view(torch.int32) - u.double().sqrt().float().view(torch.int32)).abs()
     assert ulps.max() <= 1
@@ -166,9 +165,9 @@ def test_optimizer_formulas_reach_the_kernel_and_give_the_eager_statistics(monke
             lambda *a: calls.append(a[1]) or real(*a))}))
         with_kernel = rate_statistics(specs)
         assert calls == [s.numel for s in specs]
-        monkeypatch.setattr(el, "_kernel", None)
-        without = rate_statistics(specs)
         monkeypatch.undo()
+        with el.fused_kernel_disabled():
+            without = rate_statistics(specs)
         # min and max within an ulp (torch's sqrt), the means to fp32 rounding
         torch.testing.assert_close(with_kernel[:, :3], without[:, :3], rtol=1e-6, atol=0)
         rates = [el.effective_lr(s).double() for s in specs]
