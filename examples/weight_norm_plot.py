@@ -70,7 +70,7 @@ def train(mode: str, epochs: int, lr: float, wd: float, noise: float, every: int
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=epochs, logger=logger, log_every_n_steps=every, enable_checkpointing=False,
         enable_model_summary=False, enable_progress_bar=False,
-        callbacks=[WeightDecay(mode=mode, exclude_bias_and_norm=True), WeightNormMonitor()],
+        callbacks=[WeightDecay(mode=mode, exclude_bias_and_norm=True), WeightNormMonitor(per_parameter=True)],
     )
     trainer.fit(NormalizedDigitsClassifier(lr=lr, weight_decay=wd, noise=noise), DigitsDataModule(batch_size=64))
     return Path(logger.log_dir) / "metrics.csv"

@@ -316,7 +316,7 @@ def _monitor_run(inputs: dict, make_strategy) -> dict:
                         eff = group["lr"] / (torch.sqrt(v / (1 - group["betas"][1] ** t)) + group["eps"])
                         stats[names[id(p)]] = exact(eff)
                         flat.append(eff.flatten())
-                stats["Adam/pg0"] = exact(torch.cat(flat))
+                stats["Adam/pg1"] = exact(torch.cat(flat))
                 # what a monitor that looked at this rank's shard only would report, for the test's contrast
                 v_local = opt.state[pl_module.net[0].weight]["exp_avg_sq"].to_local().double()
                 t = float(opt.state[pl_module.net[0].weight]["step"])
@@ -334,7 +334,7 @@ def _monitor_run(inputs: dict, make_strategy) -> dict:
     Module = _module_class()
     module = Module(inputs["init"], "Adam", inputs["lr"], inputs["wd"], fsdp=True)
     logger, reference = Recording(), Reference()
-    trainer = _trainer(make_strategy(), [EffectiveLRMonitor(log_every_n_steps=1), reference],
+    trainer = _trainer(make_strategy(), [EffectiveLRMonitor(log_every_n_steps=1, per_parameter=True), reference],
                        max_steps=inputs["steps"])
     trainer.logger = logger
     # blocks of 3 rows: the 4 sharded parameters take two reductions per step, a full block and a partial one
@@ -395,7 +395,7 @@ def _weight_norm_run(inputs: dict, make_strategy) -> dict:
     Module = _module_class()
     module = Module(inputs["init"], "Adam", inputs["lr"], inputs["wd"], fsdp=True)
     logger, gathered = Recording(), Gathered()
-    trainer = _trainer(make_strategy(), [WeightNormMonitor(log_every_n_steps=1), gathered], max_steps=inputs["steps"])
+    trainer = _trainer(make_strategy(), [WeightNormMonitor(log_every_n_steps=1, per_parameter=True), gathered], max_steps=inputs["steps"])
     trainer.logger = logger
     trainer.fit(module, _loader(inputs))
     return {"logged": logger.calls, "reference": gathered.per_step}

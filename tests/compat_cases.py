@@ -104,6 +104,11 @@ def d_lr(optimizer, group) -> float:
     return group["d"] * group["lr"]
 
 
+def asgd_eta(optimizer, group) -> float:
+    """ASGD's decayed step size ``eta`` (its state; the lr before its first step)."""
+    return float(optimizer.state.get(group["params"][0], {}).get("eta", group["lr"]))
+
+
 # --- the cases --------------------------------------------------------------------------------------------------------
 L2_NATIVE = {"coupled": native(), "decoupled": adapted(), "independent": adapted(), "corrected": adapted()}
 
@@ -153,8 +158,12 @@ CASES: list[Case] = [
     Case("torch RMSprop", "torch", opt("torch.optim.RMSprop"), L2_NATIVE),
     Case("torch Adagrad", "torch", opt("torch.optim.Adagrad"), L2_NATIVE),
     Case("torch Adamax", "torch", opt("torch.optim.Adamax"), L2_NATIVE),
-    Case("torch ASGD", "torch", opt("torch.optim.ASGD"), L2_NATIVE),
-    Case("torch Adadelta", "torch", opt("torch.optim.Adadelta"), L2_NATIVE, lr=1.0),
+    Case("torch ASGD", "torch", opt("torch.optim.ASGD"),
+         {"coupled": native(), "decoupled": adapted(asgd_eta), "independent": adapted(),
+          "corrected": adapted(asgd_eta)}, note="its step size is eta, which decays"),
+    Case("torch Adadelta", "torch", opt("torch.optim.Adadelta"),
+         {"coupled": native(), "decoupled": refused("Adadelta's lr multiplies an adaptive step"),
+          "independent": adapted(), "corrected": refused("Adadelta's lr multiplies an adaptive step")}, lr=1.0),
     Case("torch Adafactor", "torch", opt("torch.optim.Adafactor"),
          {"decoupled": native(), "coupled": adapted(), "independent": native(scaled=True),
           "corrected": native(scaled=True)}),
@@ -190,8 +199,8 @@ CASES: list[Case] = [
           "corrected": native(scaled=True)}),
     Case("pytorch_optimizer MADGRAD", "pytorch_optimizer", opt(_po("MADGRAD")),
          {"coupled": native(), "decoupled": native(opt(_po("MADGRAD"), weight_decouple=True)),
-          "independent": native(opt(_po("MADGRAD"), weight_decouple=True), scaled=True),
-          "corrected": native(opt(_po("MADGRAD"), weight_decouple=True), scaled=True)}),
+          "independent": refused("dual averaging"), "corrected": refused("dual averaging")},
+         note="its decoupled decay is scaled by lr + eps"),
     Case("pytorch_optimizer SophiaH", "pytorch_optimizer", opt(_po("SophiaH")),
          {"decoupled": native(), "coupled": native(opt(_po("SophiaH"), weight_decouple=False)),
           "independent": native(scaled=True), "corrected": native(scaled=True)},
@@ -216,7 +225,7 @@ CASES: list[Case] = [
          _decoupled_default(_po("SGDW"), {"weight_decouple": False}, momentum=0.9)),
     Case("pytorch_optimizer StableAdamW", "pytorch_optimizer", opt(_po("StableAdamW")),
          {"decoupled": native(), "coupled": native(opt(_po("StableAdamW"), weight_decouple=False)),
-          "independent": native(scaled=True), "corrected": native(scaled=True)}),
+          "independent": adapted(), "corrected": refused("step size is relative")}),
     Case("pytorch_optimizer Muon", "pytorch_optimizer",
          lambda m, wd, lr, params=None: cls(_po("Muon"))(_muon_groups(m), lr=lr, weight_decay=wd),
          {"decoupled": native(), "coupled": native(lambda m, wd, lr: cls(_po("Muon"))(
@@ -264,8 +273,8 @@ CASES: list[Case] = [
     Case("optimi Adam", "optimi", opt("optimi.Adam"), _flagged("optimi.Adam", {"decouple_wd": True})),
     Case("optimi Lion", "optimi", opt("optimi.Lion"), _decoupled_default("optimi.Lion", None)),
     Case("optimi StableAdamW", "optimi", opt("optimi.StableAdamW"),
-         {"decoupled": native(), "coupled": adapted(),
-          "independent": native(opt("optimi.StableAdamW", decouple_lr=True)), "corrected": native(scaled=True)}),
+         {"decoupled": native(), "coupled": adapted(), "independent": adapted(),
+          "corrected": refused("step size is relative")}),
     # lion-pytorch
     Case("lion_pytorch Lion", "lion_pytorch", opt("lion_pytorch.Lion"), _decoupled_default("lion_pytorch.Lion", None)),
     Case("lion_pytorch Lion (decoupled_weight_decay)", "lion_pytorch",
@@ -298,7 +307,8 @@ CASES: list[Case] = [
           "corrected": refused("lr is None")}, lr=None),
     Case("transformers Adafactor (lr, no relative step or scaling)", "transformers",
          opt("transformers.optimization.Adafactor", relative_step=False, scale_parameter=False),
-         {"decoupled": native(), "coupled": adapted(), "independent": adapted(), "corrected": adapted()}),
+         {"decoupled": native(), "coupled": adapted(), "independent": native(scaled=True),
+          "corrected": native(scaled=True)}),
     # heavyball
     Case("heavyball AdamW", "heavyball", opt("heavyball.AdamW"),
          {"decoupled": native(), "coupled": adapted(), "independent": native(scaled=True),

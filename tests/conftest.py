@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -5,3 +6,15 @@ from pathlib import Path
 _TESTS = str(Path(__file__).parent)
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
+
+# Without a GPU, Triton kernels (ours, and optimi's, which it picks whenever Triton is installed) run in Triton's
+# interpreter on the CPU; without it they fail to find a GPU driver. Set before any kernel is defined: Triton reads
+# it when a function is decorated with @triton.jit.
+if "TRITON_INTERPRET" not in os.environ:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+    except ImportError:  # pragma: no cover
+        pass

@@ -7,6 +7,7 @@ import torch
 
 from lightning_wd import attach_weight_decay
 from lightning_wd.attach import LR_MAX_KEY, MODE_KEY
+from lightning_wd.plan import GENERIC, Native
 
 
 def model() -> torch.nn.Module:
@@ -238,8 +239,8 @@ def test_a_group_without_torchs_decoupled_flag_takes_the_generic_pass():
     opt = torch.optim.Adam(model().parameters(), lr=0.01, weight_decay=0.1)
     handle = attach_weight_decay(opt, mode="decoupled")
     old_style = {k: v for k, v in opt.param_groups[0].items() if k != "decoupled_weight_decay"}
-    assert handle._plan(opt.param_groups[0]) == ({"decoupled_weight_decay": True}, None)  # native handoff
-    assert handle._plan(old_style) == (None, None)  # the generic pass
+    assert handle.plan(opt.param_groups[0]) == Native({"decoupled_weight_decay": True})  # native handoff
+    assert handle.plan(old_style) is GENERIC  # the generic pass
 
 
 @NATIVE

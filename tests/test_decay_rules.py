@@ -99,8 +99,8 @@ def test_schedule_equals_the_optimizer_given_the_same_schedule(mode, cls, ref_cl
     assert_weights_differ(got.net, reference_with_wd_schedule(ref_cls, lambda t: WD0), 1e-4)  # it matters
     # the decay each step applied is what the log shows, and the group holds the configured value at rest
     with open(Path(t.logger.log_dir) / "metrics.csv", newline="") as f:
-        logged = [float(r["weight_decay/" + cls.__name__ + "/pg0"]) for r in csv.DictReader(f)
-                  if r.get("weight_decay/" + cls.__name__ + "/pg0")]
+        logged = [float(r["weight_decay/" + cls.__name__ + "/pg1"]) for r in csv.DictReader(f)
+                  if r.get("weight_decay/" + cls.__name__ + "/pg1")]
     assert logged == [formula(s) for s in range(STEPS)]
     assert t.optimizers[0].param_groups[0]["weight_decay"] == WD0
 
@@ -321,7 +321,7 @@ def test_timescale_is_logged_for_any_configuration(tmp_path):
     _, t = lightning_run(Adam, WeightDecay(log_weight_decay=True), scheduler=True, logger=CSVLogger(tmp_path),
                          log_every_n_steps=1)
     with open(Path(t.logger.log_dir) / "metrics.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("timescale/Adam/pg0")]
+        rows = [r for r in csv.DictReader(f) if r.get("timescale/Adam/pg1")]
     lrs = [CosineAnnealingLR(Adam([nn.Parameter(torch.ones(1))], lr=LR), T_max=STEPS).get_last_lr()[0]]
     sched_opt = Adam([nn.Parameter(torch.ones(1))], lr=LR)
     sched = CosineAnnealingLR(sched_opt, T_max=STEPS)
@@ -330,8 +330,8 @@ def test_timescale_is_logged_for_any_configuration(tmp_path):
         lrs.append(sched_opt.param_groups[0]["lr"])
         sched_opt.step()
         sched.step()
-    assert [float(r["timescale/Adam/pg0"]) for r in rows] == pytest.approx([1 / (lr * WD0) for lr in lrs])
-    assert [float(r["timescale_fraction/Adam/pg0"]) for r in rows] == pytest.approx(
+    assert [float(r["timescale/Adam/pg1"]) for r in rows] == pytest.approx([1 / (lr * WD0) for lr in lrs])
+    assert [float(r["timescale_fraction/Adam/pg1"]) for r in rows] == pytest.approx(
         [1 / (lr * WD0 * STEPS) for lr in lrs])
 
 

@@ -385,7 +385,7 @@ def test_fsdp2_effective_lr_statistics_are_over_whole_parameters(fsdp2):
                      for s, ref in r1["reference"].items()}  # the gathered reference is the same on both ranks
     for step, metrics in r0["logged"]:
         reference = whole[step]
-        assert set(reference) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias", "Adam/pg0"}
+        assert set(reference) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias", "Adam/pg1"}
         for name, (mn, mx, mean, median) in reference.items():
             got = {s: metrics[f"effective_lr/{name}/{s}"] for s in ("min", "max", "mean", "median")}
             # fp32 in the monitor, fp64 in the reference

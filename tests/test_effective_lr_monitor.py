@@ -66,7 +66,7 @@ class RateRecorder(Callback):
             for gi, group in enumerate(opt.param_groups):
                 rates = [self.rate_of(opt, group, p) for p in group["params"]]
                 self.per_step[step].update({names[id(p)]: r for p, r in zip(group["params"], rates)})
-                self.per_step[step][f"{type(opt).__name__}/pg{gi}"] = torch.cat([r.flatten() for r in rates])
+                self.per_step[step][f"{type(opt).__name__}/pg{gi + 1}"] = torch.cat([r.flatten() for r in rates])
 
         for opt in trainer.optimizers:
             opt.register_step_post_hook(hook)
@@ -126,7 +126,7 @@ def test_logged_statistics_match_reference_at_every_logged_step(tmp_path, config
     if statistics_pass == "fused" and not el.fused_kernel_available():
         pytest.skip("the optional C extension lightning_wd._rate_kernel was not built")
     ref = RateRecorder(adam_reference_rate)
-    trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor(), ref], max_steps=12, log_every_n_steps=3)
+    trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor(per_parameter=True), ref], max_steps=12, log_every_n_steps=3)
     with el.fused_kernel_disabled() if statistics_pass == "eager" else contextlib.nullcontext():
         trainer.fit(Net(CONFIGS[config], scheduler), loader())
     logged = read_metrics(str(tmp_path))
@@ -147,7 +147,7 @@ def test_logged_statistics_match_reference_at_every_logged_step(tmp_path, config
                 rel = histogram_median_rel_error() if stat == "median" else 1e-5
                 assert logged[step][f"{key}/{stat}"] == pytest.approx(value, rel=rel), (step, key, stat)
     if scheduler:  # the logged value follows the lr of the step it describes, not the next step's lr
-        lrs = [ref.per_step[s]["AdamW/pg0" if config != "adam" and config != "amsgrad" else "Adam/pg0"] for s in steps]
+        lrs = [ref.per_step[s]["AdamW/pg1" if config != "adam" and config != "amsgrad" else "Adam/pg1"] for s in steps]
         assert lrs[0].max() > lrs[-1].max()
 
 
@@ -166,7 +166,7 @@ def test_every_adaptive_optimizer_is_logged_with_exact_statistics_of_its_rate(tm
     """The logged statistics of each parameter and group equal the exact ones (sorted median, fp64 mean) of the
     per-element rate at the step they describe, for the optimizers beyond Adam."""
     ref = RateRecorder(formula_rate)
-    trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor(), ref], max_steps=8, log_every_n_steps=4)
+    trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor(per_parameter=True), ref], max_steps=8, log_every_n_steps=4)
     trainer.fit(Net(OTHER_OPTIMIZERS[config]), loader())
     logged = read_metrics(str(tmp_path))
     for step in (3, 7):
@@ -197,7 +197,7 @@ def test_no_host_read_but_the_step_counters_on_a_logging_step():
     for x, y in loader(16):
         torch.nn.functional.mse_loss(model.head(torch.tanh(model.body(x))), y).backward()
         opt.step()
-    monitor = EffectiveLRMonitor()
+    monitor = EffectiveLRMonitor(per_parameter=True)
     formula = formula_for(opt)[1]
     with Reads():
         monitor._collect("Adam", opt, formula)
@@ -232,7 +232,7 @@ def test_nothing_is_computed_on_steps_that_do_not_log(tmp_path, monkeypatch):
     calls = []
     real = mod.rate_statistics
     monkeypatch.setattr(mod, "rate_statistics", lambda specs, *a, **k: calls.append(len(specs)) or real(specs, *a, **k))
-    monitor = EffectiveLRMonitor(log_every_n_steps=5)
+    monitor = EffectiveLRMonitor(log_every_n_steps=5, per_parameter=True)
     trainer = make_trainer(CSVLogger(tmp_path), [monitor], max_steps=10, log_every_n_steps=50)
     trainer.fit(Net(CONFIGS["adam"]), loader())
     assert calls == [4, 4]  # steps 4 and 9 only, each with the 4 parameters of the one param group
@@ -265,7 +265,7 @@ def test_one_host_transfer_per_logging_step(tmp_path, monkeypatch):
 
 
 def test_unsupported_optimizer_warns_once_and_training_goes_on(tmp_path):
-    trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor()], max_steps=4, log_every_n_steps=1)
+    trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor(per_parameter=True)], max_steps=4, log_every_n_steps=1)
     expected = r"EffectiveLRMonitor skips SGD \(its rate is .*: use LearningRateMonitor\)\.$"
     with pytest.warns(UserWarning, match=expected) as record:
         trainer.fit(Net(lambda m: torch.optim.SGD(m.parameters(), lr=0.1)), loader())
@@ -305,7 +305,7 @@ def test_optimizers_without_a_rate_and_unknown_ones_are_named_in_one_warning(tmp
     def make_opts(m):
         return Unknown(m.body.parameters(), lr=0.1), Homemade(m.head.parameters(), {})
 
-    trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor()], max_steps=4, log_every_n_steps=1)
+    trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor(per_parameter=True)], max_steps=4, log_every_n_steps=1)
     with pytest.warns(UserWarning, match="EffectiveLRMonitor skips") as record:
         trainer.fit(ManualSteps(make_opts), loader())
     (message,) = [str(w.message) for w in record if "EffectiveLRMonitor" in str(w.message)]
@@ -317,7 +317,7 @@ def test_no_optimizer_at_all_gives_no_warning(tmp_path):
     """``configure_optimizers`` returning None: Lightning steps a stand-in optimizer with no param groups."""
     import warnings
 
-    trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor()], max_steps=2, log_every_n_steps=1)
+    trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor(per_parameter=True)], max_steps=2, log_every_n_steps=1)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         trainer.fit(Net(lambda m: None), loader())
@@ -330,17 +330,17 @@ def test_several_optimizers_are_named_by_class_and_repeat(tmp_path):
         return torch.optim.Adam(m.body.parameters(), lr=1e-2), torch.optim.Adam(m.head.parameters(), lr=1e-3)
 
     # max_steps counts optimizer steps: two per batch in manual optimization
-    trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor()], max_steps=4, log_every_n_steps=2)
+    trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor(per_parameter=True)], max_steps=4, log_every_n_steps=2)
     trainer.fit(ManualSteps(make_opts), loader())
     row = read_metrics(str(tmp_path))[1]
-    assert {"effective_lr/Adam/pg0/median", "effective_lr/Adam-1/pg0/median"} <= set(row)
+    assert {"effective_lr/Adam/pg1/median", "effective_lr/Adam-1/pg1/median"} <= set(row)
     assert {"effective_lr/body.weight/max", "effective_lr/head.weight/max"} <= set(row)
 
 
 def test_histogram_of_log10_effective_lr_in_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    callbacks = [EffectiveLRMonitor(log_histogram=True), WeightDecay(weight_decay=0.01)]
+    callbacks = [EffectiveLRMonitor(log_histogram=True, per_parameter=True), WeightDecay(weight_decay=0.01)]
     trainer = make_trainer(TensorBoardLogger(tmp_path), callbacks, max_steps=4, log_every_n_steps=2)
     trainer.fit(Net(CONFIGS["adam"]), loader())
     acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"histograms": 0})
@@ -366,7 +366,7 @@ def test_a_cpu_run_without_the_fused_kernel_says_so_once(tmp_path, caplog):
         caplog.clear()
         without = el.fused_kernel_disabled() if not built else contextlib.nullcontext()
         with without, caplog.at_level(logging.INFO, logger="lightning.pytorch"):
-            make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor()], max_steps=2, log_every_n_steps=1).fit(
+            make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor(per_parameter=True)], max_steps=2, log_every_n_steps=1).fit(
                 Net(make), loader())
         said = [r for r in caplog.records if "fused CPU kernel" in r.getMessage()]
         assert len(said) == (0 if built and el.fused_kernel_available() else 1)

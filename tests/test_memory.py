@@ -84,7 +84,7 @@ def monitor_logging_step_allocations(width: int, monkeypatch) -> AllocatedBytes:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model(torch.randn(4, width)).sum().backward()
     opt.step()
-    return collect_allocations(EffectiveLRMonitor(), opt)
+    return collect_allocations(EffectiveLRMonitor(per_parameter=True), opt)
 
 
 def collect_allocations(monitor, opt) -> AllocatedBytes:

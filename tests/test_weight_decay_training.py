@@ -428,7 +428,7 @@ def test_logs_decay_beside_lr_monitor(tmp_path):
         log_every_n_steps=1,
     )
     rows = read_metrics(t)
-    ours = column(rows, "weight_decay/Adam/pg0")
+    ours = column(rows, "weight_decay/Adam/pg1")
     assert len(ours) == 6 and all(v == WD for v in ours)
     # LearningRateMonitor reads the optimizer's own weight_decay, which the groups hold between steps
     monitors = column(rows, "lr-Adam-weight_decay")
@@ -459,7 +459,7 @@ def test_logging_with_backbone_finetuning(tmp_path):
         log_every_n_steps=1,
     )
     rows = read_metrics(t)
-    assert column(rows, "weight_decay/Adam/pg1") == [WD] * 4  # the backbone group, logged during epoch 1
+    assert column(rows, "weight_decay/Adam/pg2") == [WD] * 4  # the backbone group, logged during epoch 1
 
 
 def test_logging_after_resume_from_checkpoint_saved_after_fit(tmp_path):
@@ -469,7 +469,7 @@ def test_logging_after_resume_from_checkpoint_saved_after_fit(tmp_path):
     t = trainer([WeightDecay(), LearningRateMonitor(log_weight_decay=True)], max_steps=8,
                 logger=CSVLogger(tmp_path / "logs"), log_every_n_steps=1)
     t.fit(tiny_module(opt_factory(Adam)), loader, ckpt_path=tmp_path / "after_fit.ckpt")
-    assert column(read_metrics(t), "weight_decay/Adam/pg0") == [WD] * 3
+    assert column(read_metrics(t), "weight_decay/Adam/pg1") == [WD] * 3
 
 
 # ---------------------------------------------------------------------------------------------------------------------

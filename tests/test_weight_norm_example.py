@@ -46,4 +46,4 @@ def test_quick_run_writes_the_figure_and_the_predicted_norms(tmp_path: Path) -> 
         assert value == pytest.approx(at_peak * math.sqrt((1 + math.cos(math.pi * step / 100)) / 2), rel=1e-5)
     with open(logs["corrected"], newline="") as f:
         keys = set(csv.DictReader(f).fieldnames)
-    assert {"weight_norm/net.0.weight", "grad_to_weight/net.3.weight", "timescale/Adam/pg0"} <= keys
+    assert {"weight_norm/net.0.weight", "grad_to_weight/net.3.weight", "timescale/Adam/pg1"} <= keys

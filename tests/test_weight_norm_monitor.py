@@ -38,7 +38,8 @@ class Recording(Logger):
         pass
 
     def merged(self, prefixes: tuple[str, ...] = ("weight_norm/", "grad_to_weight/", "equilibrium_norm/",
-                                                   "timescale/", "timescale_fraction/")) -> dict[int, dict[str, float]]:
+                                                   "equilibrium_ratio/", "timescale/", "timescale_fraction/")
+               ) -> dict[int, dict[str, float]]:
         out: dict[int, dict[str, float]] = defaultdict(dict)
         for step, metrics in self.calls:
             out[step].update({k: v for k, v in metrics.items() if k.startswith(prefixes)})
@@ -196,7 +197,7 @@ def test_every_logged_number_matches_a_float64_reference(config):
     ref, logger = Reference(CLIP), Recording()
     # WeightDecay first: its step hooks are registered before the monitor's, the order that would show its L2 term
     # or its decay in what the monitor reads
-    trainer = run([*extra_callbacks(), WeightNormMonitor(), ref], make_opt, logger, gradient_clip_val=CLIP)
+    trainer = run([*extra_callbacks(), WeightNormMonitor(per_parameter=True), ref], make_opt, logger, gradient_clip_val=CLIP)
     assert ref.clipped  # the gradient the monitor must report is not the one on_before_optimizer_step sees
     logged = logger.merged()
     assert sorted(logged) == [1, 3, 5]
@@ -208,21 +209,30 @@ def test_every_logged_number_matches_a_float64_reference(config):
         expected = {}
         for name, w_after in r["after"].items():
             w, g = r["before"][name], r["grad"][name]
-            expected[f"weight_norm/{name}"] = norm(w_after)
+            expected[f"weight_norm/{name}"] = norm(w)  # at the step: the weights its gradient was computed at
             expected[f"grad_to_weight/{name}"] = norm(g) / norm(w)
             excluded = config == "sgdm_decoupled_excluded" and name == "net.4.weight"
             if equilibrium is not None and w.dim() >= 2 and not excluded:
                 expected[f"equilibrium_norm/{name}"] = equilibrium(lr, x, w, g)
         opt_name = type(trainer.optimizers[0]).__name__
+        # the param group's keys: the same norms over all its parameters together, and how far the matrices with a
+        # predicted norm are from it
+        ws, gs = (sum(norm(r[k][n]) ** 2 for n in r["before"]) for k in ("before", "grad"))
+        expected[f"weight_norm/{opt_name}/pg1"] = ws**0.5
+        expected[f"grad_to_weight/{opt_name}/pg1"] = (gs / ws) ** 0.5
+        covered = [n for n in r["before"] if f"equilibrium_norm/{n}" in expected]
+        if covered:
+            expected[f"equilibrium_ratio/{opt_name}/pg1"] = (sum(norm(r["before"][n]) ** 2 for n in covered) / sum(
+                expected[f"equilibrium_norm/{n}"] ** 2 for n in covered)) ** 0.5
         if kind == "shrink":  # L2 has no shrink factor, hence no timescale
-            expected[f"timescale/{opt_name}/pg0"] = 1 / x
-            expected[f"timescale_fraction/{opt_name}/pg0"] = 1 / (x * total)
+            expected[f"timescale/{opt_name}/pg1"] = 1 / x
+            expected[f"timescale_fraction/{opt_name}/pg1"] = 1 / (x * total)
         assert set(metrics) == set(expected), (step, set(metrics) ^ set(expected))
         for key, value in expected.items():
             # the monitor sums squares in float32: a few ulps of float32 off the float64 reference
             assert metrics[key] == pytest.approx(value, rel=2e-5), (step, key)
     if config == "corrected_steplr":  # the schedule moved the lr, and the corrected decay with its square
-        assert logged[5]["timescale/Adam/pg0"] == pytest.approx(16 * logged[1]["timescale/Adam/pg0"])
+        assert logged[5]["timescale/Adam/pg1"] == pytest.approx(16 * logged[1]["timescale/Adam/pg1"])
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["unscaled_by_lightning", "fused_scaled"])
@@ -240,7 +250,7 @@ def test_gradient_is_unscaled_under_16_mixed(fused):
 
     ref, logger = Scaled(None), Recording()
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
-    run([WeightNormMonitor(), ref], lambda m: torch.optim.Adam(m.parameters(), lr=LR, fused=fused), logger,
+    run([WeightNormMonitor(per_parameter=True), ref], lambda m: torch.optim.Adam(m.parameters(), lr=LR, fused=fused), logger,
         plugins=[plugin])
     logged = logger.merged()
     assert sorted(logged) == [1, 3, 5]
@@ -287,7 +297,7 @@ def counted_fit(monkeypatch, callbacks: list, lr: Any = LR) -> tuple[dict[str, i
 @pytest.mark.parametrize("lr", [LR, lambda: torch.tensor(LR)], ids=["float_lr", "tensor_lr"])
 def test_no_host_read_off_logging_steps_and_one_transfer_on_them(monkeypatch, lr):
     """Against the same fit without the monitor: never logging, it adds no op at all; logging at every step, it adds
-    no ``.item()``, two ``_foreach_norm`` (before and after the step) and one ``tolist()`` per step. A tensor lr is
+    no ``.item()``, one ``_foreach_norm`` (weights and gradients, at the step) and one ``tolist()`` per step. A tensor lr is
     read in that transfer too (on a GPU it may live on the CPU: one ``tolist()`` per device)."""
     base, base_tolist = counted_fit(monkeypatch, [], lr)
     silent, silent_tolist = counted_fit(monkeypatch, [WeightNormMonitor(log_every_n_steps=1000)], lr)
@@ -297,7 +307,7 @@ def test_no_host_read_off_logging_steps_and_one_transfer_on_them(monkeypatch, lr
     assert logging["_local_scalar_dense"] == base["_local_scalar_dense"]
     # nor a tensor made from host data, which on CUDA is a host-to-device copy that synchronizes
     assert logging.get("lift_fresh", 0) == base.get("lift_fresh", 0)
-    assert logging.get("_foreach_norm", 0) - base.get("_foreach_norm", 0) == 2 * STEPS
+    assert logging.get("_foreach_norm", 0) - base.get("_foreach_norm", 0) == STEPS  # weights and gradients at once
     assert logging_tolist - base_tolist == STEPS
 
 
@@ -307,12 +317,12 @@ def test_timescale_is_left_to_a_weight_decay_that_logs_it():
     make_opt = lambda m: torch.optim.AdamW(m.parameters(), lr=LR, weight_decay=WD)  # noqa: E731
     for log_weight_decay in (True, False):
         logger = Recording()
-        run([WeightNormMonitor(), WeightDecay(log_weight_decay=log_weight_decay)], make_opt, logger)
+        run([WeightNormMonitor(per_parameter=True), WeightDecay(log_weight_decay=log_weight_decay)], make_opt, logger)
         mine = [m for _, m in logger.calls if "weight_norm/net.0.weight" in m]
-        theirs = [m for _, m in logger.calls if "weight_decay/AdamW/pg0" in m]
+        theirs = [m for _, m in logger.calls if "weight_decay/AdamW/pg1" in m]
         assert len(mine) == 3 and len(theirs) == (3 if log_weight_decay else 0)
-        assert all(("timescale/AdamW/pg0" in m) != log_weight_decay for m in mine)
-        assert all(m["timescale/AdamW/pg0"] == pytest.approx(1 / (LR * WD)) for m in theirs)
+        assert all(("timescale/AdamW/pg1" in m) != log_weight_decay for m in mine)
+        assert all(m["timescale/AdamW/pg1"] == pytest.approx(1 / (LR * WD)) for m in theirs)
 
 
 def test_logs_at_the_steps_of_effective_lr_monitor():

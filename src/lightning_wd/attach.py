@@ -1,7 +1,5 @@
-"""Attach weight decay to any ``torch.optim.Optimizer`` through its step hooks.
-
-This is the engine behind :class:`lightning_wd.WeightDecay`, usable on its own in a hand-written loop or with
-Lightning Fabric::
+"""Attach weight decay to any ``torch.optim.Optimizer``: the engine behind :class:`lightning_wd.WeightDecay`, usable on
+its own in a hand-written loop or with Lightning Fabric::
 
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=0.01)
     handle = attach_weight_decay(opt, mode="decoupled")   # now trains exactly as AdamW
@@ -13,30 +11,19 @@ Lightning Fabric::
 
 The state model. Between steps every param group holds what the user configured: its ``weight_decay`` (which an LR
 or weight-decay schedule may rewrite at any time) and its switches such as ``decoupled_weight_decay``. The decay is
-taken over only for the duration of each ``step()``, after the gradients are final:
-
-- when ``step()`` gets a closure (Lightning's automatic optimization runs forward, backward, the
-  ``on_before_optimizer_step`` hooks and gradient clipping inside it), the closure is wrapped and the decay is taken
-  over right after it, still before the update;
-- without a closure (a plain loop, Lightning's 16-mixed path, which runs the closure itself and calls ``step()``
-  only when the gradients are finite), the step pre-hook takes it over at once.
-
-Taking over reads each group's *current* ``weight_decay`` and, per the optimizer's entry in
-:mod:`lightning_wd.optimizers`, either hands it to the optimizer with the switches that make its own decay the
-chosen mode (native handoff: its own kernel, no extra pass), or sets the group's ``weight_decay`` to 0 and applies
-the decay in one batched ``_foreach_*`` pass (the generic pass). The step post-hook puts the user's values back; a
-step that raises puts them back at once, and ``detach()`` always does.
-
-Each group also records the mode it is trained in (``"lightning_wd_mode"``) and, for ``mode="independent"``, its
-reference lr (``"lightning_wd_lr_max"``), so that a checkpoint resumed in another mode warns.
+taken over only for the duration of each ``step()``, once the gradients are final (:mod:`lightning_wd.stepping`): each
+group's *current* ``weight_decay`` is either handed to the optimizer with the switches that make its own decay the
+chosen mode (native handoff: its own kernel, no extra pass), or the group's ``weight_decay`` is set to 0 and the decay
+applied in one batched pass (:mod:`lightning_wd.generic_pass`); :mod:`lightning_wd.plan` decides which, from the
+optimizer's registry entry (:mod:`lightning_wd.optimizers`). When the step ends, or raises, the user's values come
+back. What each group records for a resume is in :mod:`lightning_wd.records`.
 """
 
 from __future__ import annotations
 
-import sys
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Union
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
@@ -45,31 +32,20 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_wd.decay import add_l2_to_grads_, cautious_decay_, decay_weights_
-from lightning_wd.low_precision import LOW_PRECISION, decay_is_lost, lost_decay_message
-from lightning_wd.modes import (
-    WITH_LR_MAX,
-    Mode,
-    check_lr_max,
-    check_mode,
-    check_timescale,
-    check_weight_decay,
-    describe_mode_change,
-    per_step_decay,
+from lightning_wd.checks import DecayChecks
+from lightning_wd.config import DecayConfig, LrMax
+from lightning_wd.generic_pass import ROUNDING_KEY, GenericPass
+from lightning_wd.modes import Mode, describe_mode_change
+from lightning_wd.optimizers import rule_for
+from lightning_wd.plan import GENERIC, LR_MAX_KEY, Native, Plan, Planner, Refused
+from lightning_wd.records import (
+    MODE_KEY,
+    STEP_KEY,
+    GroupRecords,
+    current_weight_decay,
+    group_per_step_decay,
 )
-from lightning_wd.optimizers import OptimizerRule, group_lr, rule_for
-from lightning_wd.schedules import check_schedule, scheduled_weight_decay
-
-#: param-group key that records the mode a group is trained in
-MODE_KEY = "lightning_wd_mode"
-#: param-group key that holds the reference lr of ``mode="independent"`` and ``"corrected"``
-LR_MAX_KEY = "lightning_wd_lr_max"
-#: param-group key that counts the steps taken under a weight-decay ``schedule`` (saved, so a resume goes on)
-STEP_KEY = "lightning_wd_step"
-#: the key in which lightning-wd 0.1.0 kept the decay (with ``weight_decay`` at 0); read once and converted
-_LEGACY_KEY = "lightning_wd"
-
-LrMax = Union[float, Sequence[float], None]
+from lightning_wd.stepping import StepHooks
 
 __all__ = [
     "AttachedWeightDecay",
@@ -77,6 +53,7 @@ __all__ = [
     "MODE_KEY",
     "STEP_KEY",
     "attach_weight_decay",
+    "attached_to",
     "unwrap_optimizer",
 ]
 
@@ -85,184 +62,114 @@ _ATTACHED: weakref.WeakKeyDictionary[Optimizer, AttachedWeightDecay] = weakref.W
 
 
 def unwrap_optimizer(optimizer: Any) -> Optimizer:
-    """The ``torch.optim.Optimizer`` inside Lightning's ``LightningOptimizer`` or Fabric's ``_FabricOptimizer``.
-
-    Fabric's wrapper poses as a subclass of the optimizer's class (for ``isinstance``), so it is unwrapped by type.
-    """
+    """The ``torch.optim.Optimizer`` that steps: inside Lightning's ``LightningOptimizer`` or Fabric's
+    ``_FabricOptimizer`` (Fabric's poses as a subclass of the optimizer's class, so it is unwrapped by type), and
+    inside a wrapper optimizer whose registry entry names the optimizer it wraps (Lookahead)."""
     inner = optimizer
-    while isinstance(inner, (LightningOptimizer, _FabricOptimizer)):
-        inner = inner.optimizer
-    if not isinstance(inner, Optimizer):
+    while True:
+        while isinstance(inner, (LightningOptimizer, _FabricOptimizer)):
+            inner = inner.optimizer
+        rule, _ = rule_for(type(inner))  # a wrapper need not be a torch optimizer (schedulefree's is not)
+        if rule.inner is not None:
+            inner = rule.inner(inner)
+            continue
+        if not isinstance(inner, Optimizer):
+            raise TypeError(
+                "`optimizer` must be a torch.optim.Optimizer (or a Lightning/Fabric wrapper of one),"
+                f" got {type(optimizer).__name__}."
+            )
+        return inner
+
+
+def _tensors(name: str, values: Any) -> set[int]:
+    """The ids of the tensors in ``values``; anything else is refused, naming the argument."""
+    if values is None:
+        return set()
+    if isinstance(values, (str, Tensor)) or not isinstance(values, Iterable):
+        raise TypeError(f"`{name}` must be a list of parameters (tensors), got {values!r}.")
+    values = list(values)
+    bad = [v for v in values if not isinstance(v, Tensor)]
+    if bad:
         raise TypeError(
-            "`optimizer` must be a torch.optim.Optimizer (or a Lightning/Fabric wrapper of one),"
-            f" got {type(optimizer).__name__}."
+            f"`{name}` must hold parameters (tensors), got {bad[:3]!r}. To select parameters by name pattern, pass"
+            f" `lightning_wd.excluded_parameters(model, [...]).values()`, or use the WeightDecay callback, whose"
+            f" `{name}` takes patterns."
         )
-    return inner
-
-
-def _closure_of(args: tuple, kwargs: dict) -> tuple[Callable[[], Any] | None, bool]:
-    """The closure passed to ``step()``, and whether it was passed by position."""
-    if len(args) > 1 and callable(args[1]):
-        return args[1], True
-    closure = kwargs.get("closure")
-    return (closure if callable(closure) else None), False
-
-
-def _host_float(x: Any) -> float:
-    """A number's value, read once at attach time (a tensor lr on a GPU costs one sync there, never in a step)."""
-    return float(x.item()) if isinstance(x, Tensor) else float(x)
+    return {id(v) for v in values}
 
 
 class AttachedWeightDecay:
-    """Weight decay attached to one optimizer; made by :func:`attach_weight_decay`. ``detach()`` undoes it."""
+    """Weight decay attached to one optimizer; made by :func:`attach_weight_decay`, undone by :meth:`detach`.
 
-    def __init__(
-        self,
-        optimizer: Optimizer,
-        mode: Mode = "decoupled",
-        weight_decay: float | None = None,
-        exclude: Iterable[Tensor] = (),
-        lr_max: LrMax = None,
-        native: bool = True,
-        stochastic_rounding: bool = False,
-        schedule: str | None = None,
-        weight_decay_end: float | None = None,
-        total_steps: int | None = None,
-        uncorrected: Iterable[Tensor] = (),
-        cautious: bool = False,
-        timescale_steps: float | None = None,
-    ) -> None:
-        optimizer = unwrap_optimizer(optimizer)
-        self.optimizer = optimizer
-        self.mode = check_mode(mode)
-        self.weight_decay = check_weight_decay(weight_decay)
-        self._lr_max = _check_lr_max_arg(lr_max)
-        self.native = bool(native)
-        self.stochastic_rounding = bool(stochastic_rounding)
-        self.schedule = check_schedule(schedule, weight_decay_end)
-        self.weight_decay_end = check_weight_decay(weight_decay_end)
-        if self.schedule is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
-                                          or total_steps < 1):
-            raise ValueError(f"`schedule={schedule!r}` needs `total_steps`, a positive int, got {total_steps!r}.")
-        self.total_steps = total_steps
-        self.cautious = bool(cautious)
-        if self.cautious and self.stochastic_rounding:
-            raise ValueError("`cautious=True` and `stochastic_rounding=True` cannot be combined yet; choose one.")
-        self.timescale_steps = check_timescale(timescale_steps, self.mode, self.weight_decay)
-        self._excluded = {id(p) for p in exclude}
-        self._uncorrected = {id(p) for p in uncorrected}
-        if self._uncorrected and self.mode != "corrected":
+    It answers the monitors' questions about the decay each group gets (:meth:`current_weight_decay`,
+    :meth:`per_step_decay`, :meth:`is_excluded`, ...). It is the listener of the optimizer's steps
+    (:class:`lightning_wd.stepping.StepHooks`) that takes the decay over: after the monitors have read the gradients.
+    """
+
+    priority = 10
+
+    def __init__(self, optimizer: Any, config: DecayConfig, exclude: Iterable[Tensor] = (),
+                 uncorrected: Iterable[Tensor] = ()) -> None:
+        self.optimizer = optimizer = unwrap_optimizer(optimizer)
+        self.config = config
+        self._excluded, self._uncorrected = _tensors("exclude", exclude), _tensors("uncorrected", uncorrected)
+        if self._uncorrected and config.mode != "corrected":
             raise ValueError("`uncorrected` parameters only make sense with mode='corrected'.")
-        self.rule, registered_as = rule_for(optimizer)
+        if config.schedule is not None and config.total_steps is None:
+            raise ValueError(f"`schedule={config.schedule!r}` needs `total_steps`, a positive int, got None.")
         other = _ATTACHED.get(optimizer)
         if other is not None:
-            raise ValueError(
-                f"{type(optimizer).__name__} already has weight decay attached ({other!r}); a second attachment would"
-                " decay twice or overrule the first. Detach it first."
-            )
-        _warn_if_assumed(optimizer, registered_as)
-        # groups seen so far, by their params list (which load_state_dict carries over into the new group dicts);
-        # the list itself is kept so that its id cannot be reused by another
-        self._seen: dict[int, list[Tensor]] = {}
-        self._group_info: dict[int, tuple[list[Tensor], int, frozenset[torch.dtype], bool]] = {}
+            raise ValueError(f"{type(optimizer).__name__} already has weight decay attached ({other!r}); a second"
+                             " attachment would decay twice or overrule the first. Detach it first.")
+        self.rule, registered_as = rule_for(optimizer)
+        self._planner = Planner(optimizer, self.rule, config, self._has_special)
+        self._pass = GenericPass(optimizer, self.rule, config, self._excluded, self._uncorrected)
+        self._checks = DecayChecks(optimizer, config)
+        self._records = GroupRecords(optimizer, self.rule, config, self._check_adopted)
+        self._dtypes: dict[int, tuple[list[Tensor], int, frozenset[torch.dtype]]] = {}
         self._stash: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (group, the user's values) during a step
-        self._step_frame: Any = None  # the frame of the step() being taken over (see _pre_step)
-        self._last_decay: dict[int, float] = {}
-        self._warned: set[tuple[Any, ...]] = set()
-        self._adopt(restored=False)
-        self._handles = [
-            optimizer.register_step_pre_hook(self._pre_step),
-            optimizer.register_step_post_hook(self._post_step),
-            optimizer.register_load_state_dict_post_hook(self._after_load),
-        ]
+        self._warned: set[int] = set()
+        self._records.adopt(restored=False)  # all or nothing: refused before any hook is in place
+        _warn_if_assumed(optimizer, registered_as)
+        self._load_hook = optimizer.register_load_state_dict_post_hook(self._after_load)
+        StepHooks.of(optimizer).add(self)
         _ATTACHED[optimizer] = self
 
+    @property
+    def mode(self) -> Mode:
+        return self.config.mode
+
     def __repr__(self) -> str:
-        args = [f"mode={self.mode!r}"]
-        if self.weight_decay is not None:
-            args.append(f"weight_decay={self.weight_decay}")
-        if self.schedule is not None:
-            args.append(f"schedule={self.schedule!r}, weight_decay_end={self.weight_decay_end}")
-        if self.cautious:
+        c = self.config
+        args = [f"mode={c.mode!r}"]
+        if c.weight_decay is not None:
+            args.append(f"weight_decay={c.weight_decay}")
+        if c.schedule is not None:
+            args.append(f"schedule={c.schedule!r}, weight_decay_end={c.weight_decay_end}")
+        if c.cautious:
             args.append("cautious=True")
-        if not self.native:
+        if not c.native:
             args.append("native=False")
         return f"AttachedWeightDecay({', '.join(args)})"
 
-    # --- groups: adopting them, and what they record ------------------------------------------------------------
-    def _adopt(self, restored: bool) -> None:
-        """Write the ``weight_decay`` argument into the groups not seen yet (all of them when ``restored`` from a
-        checkpoint by ``load_state_dict``), check their mode record, record ours, and refuse a group whose decay
-        cannot be had."""
-        snapshots = [(g, {k: v for k, v in g.items() if k != "params"}) for g in self.optimizer.param_groups]
-        try:
-            self._adopt_groups(restored)
-        except BaseException:  # a refusal leaves the groups as they were
-            for group, values in snapshots:
-                for key in [k for k in group if k != "params" and k not in values]:
-                    del group[key]
-                group.update(values)
-            raise
-
-    def _adopt_groups(self, restored: bool) -> None:
-        for index, group in enumerate(self.optimizer.param_groups):
-            if not restored and id(group["params"]) in self._seen:
-                continue
-            if _LEGACY_KEY in group:  # a 0.1.0 checkpoint: the decay was kept aside, weight_decay held 0
-                legacy = group.pop(_LEGACY_KEY)
-                if "weight_decay" in group:
-                    group["weight_decay"] = legacy
-            if self.weight_decay is not None:  # an explicit argument wins over a resumed value
-                group["weight_decay"] = self.weight_decay
-            self._record(index, group)
-            if self.timescale_steps is not None:  # as the argument: lambda = 1 / (lr_max * tau) at the peak lr
-                peak = 1.0 if self.mode == "independent" else group.get(LR_MAX_KEY, _peak_lr(group))
-                if peak is None:
-                    raise ValueError(f"lightning_wd: param group {index}: `timescale` needs an lr, and it is None.")
-                group["weight_decay"] = 1.0 / (peak * self.timescale_steps)
-            refusal = self._plan(group)[1]
-            if refusal is not None:
-                raise ValueError(f"lightning_wd: param group {index} of {type(self.optimizer).__name__}: {refusal}")
-            self._seen[id(group["params"])] = group["params"]
-
-    def _record(self, index: int, group: dict[str, Any]) -> None:
-        old_mode, old_lr_max = group.get(MODE_KEY), group.get(LR_MAX_KEY)
-        if self.mode in WITH_LR_MAX:
-            explicit = self._lr_max(index)
-            lr_max = explicit if explicit is not None else old_lr_max if old_mode in WITH_LR_MAX else None
-            if lr_max is None:  # the optimizer's own reference (optimi's max_lr), else the schedule's peak
-                lr_max = self._own_lr_max(group)
-            group[LR_MAX_KEY] = lr_max if lr_max is not None else _peak_lr(group)
-        else:
-            group.pop(LR_MAX_KEY, None)
-        group[MODE_KEY] = self.mode
-        if old_mode is None or (old_mode, old_lr_max) == (self.mode, group.get(LR_MAX_KEY)):
-            return
-        lr = _host_float(group["lr"]) if group.get("lr") is not None else 1.0
-        change = describe_mode_change(old_mode, self.mode, lr, old_lr_max, group.get(LR_MAX_KEY))
-        was = f"{old_mode!r}" + (f" (lr_max={old_lr_max:g})" if old_mode in WITH_LR_MAX else "")
-        now = f"{self.mode!r}" + (f" (lr_max={group[LR_MAX_KEY]:g})" if self.mode in WITH_LR_MAX else "")
-        rank_zero_warn(
-            f"lightning_wd: param group {index} of {type(self.optimizer).__name__} was trained with mode={was} and"
-            f" goes on with mode={now}: {change}."
-        )
-
-    def _after_load(self, optimizer: Optimizer) -> None:
-        self._adopt(restored=True)
-        self._last_decay.clear()
-
-    # --- what each group gets: native handoff, the generic pass, or a refusal -----------------------------------
-    def _info(self, group: dict[str, Any]) -> tuple[frozenset[torch.dtype], bool]:
-        """The dtypes of the group's parameters, and whether some of them need the per-parameter pass (excluded, or
-        uncorrected under mode="corrected")."""
+    # --- what each group gets --------------------------------------------------------------------------------
+    def _group_dtypes(self, group: dict[str, Any]) -> frozenset[torch.dtype]:
         params = group["params"]
-        info = self._group_info.get(id(params))
-        if info is None or info[1] != len(params):
-            dtypes = frozenset(p.dtype for p in params)
-            special = self._excluded | self._uncorrected
-            info = (params, len(params), dtypes, any(id(p) in special for p in params))
-            self._group_info[id(params)] = info
-        return info[2], info[3]
+        known = self._dtypes.get(id(params))
+        if known is None or known[0] is not params or known[1] != len(params):
+            known = self._dtypes[id(params)] = (params, len(params), frozenset(p.dtype for p in params))
+        return known[2]
+
+    def _has_special(self, group: dict[str, Any]) -> bool:
+        """Whether some parameters of ``group`` need the per-parameter pass (excluded, or uncorrected)."""
+        special = self._excluded | self._uncorrected
+        return bool(special) and any(id(p) in special for p in group["params"])
+
+    def plan(self, group: dict[str, Any], wd: Any = None) -> Plan:
+        """How ``group`` gets its decay in the coming step: :class:`~lightning_wd.plan.Native`,
+        :data:`~lightning_wd.plan.GENERIC` or :class:`~lightning_wd.plan.Refused`."""
+        wd = self.current_weight_decay(group) if wd is None else wd
+        return self._planner.plan(group, wd, self._group_dtypes(group))
 
     def is_excluded(self, param: Tensor) -> bool:
         """Whether ``param`` gets no decay (``exclude``)."""
@@ -275,298 +182,125 @@ class AttachedWeightDecay:
     def step_size(self, group: dict[str, Any]) -> Any:
         """What the optimizer's own decoupled decay multiplies ``wd`` by for ``group`` (its lr; ``d * lr`` for
         Prodigy), or ``None`` where it is known only inside its step (a relative step size)."""
-        return self._step_size(group)
+        return self.rule.group_step_size(self.optimizer, group)
 
     def current_weight_decay(self, group: dict[str, Any]) -> Any:
         """The ``weight_decay`` the coming step applies to ``group``: the group's own, or its ``schedule`` value."""
-        wd = group.get("weight_decay", 0.0)
-        if self.schedule is None or isinstance(wd, Tensor):
-            return wd
-        return scheduled_weight_decay(self.schedule, wd, self.weight_decay_end, group.get(STEP_KEY, 0),
-                                      self.total_steps)
+        return current_weight_decay(self.config, group)
 
     def per_step_decay(self, group: dict[str, Any], wd: Any = None) -> Any:
         """The ``x`` of ``p *= 1 - x`` the coming step applies to ``group``'s parameters (``None`` in coupled
         mode, which adds ``wd * p`` to the gradient instead); a host float, or a device tensor for a tensor lr."""
         wd = self.current_weight_decay(group) if wd is None else wd
-        if self.mode == "coupled" or group.get("lr") is None:
-            return None  # coupled multiplies nothing; a relative step size (lr None) is not known outside the step
-        step_size = self._step_size(group)
-        if step_size is None and self.mode != "independent":
-            return None
-        return per_step_decay(self.mode, group["lr"], wd, group.get(LR_MAX_KEY), step_size)
+        return group_per_step_decay(self.rule, self.optimizer, self.config, group, wd)
 
-    def _step_size(self, group: dict[str, Any]) -> Any:
-        """What the optimizer's own decoupled decay multiplies ``wd`` by, or ``None`` where it is not known."""
-        return self.rule.step_size(self.optimizer, group) if self.rule.step_size is not None else None
+    # --- checks --------------------------------------------------------------------------------------------------
+    def _check_adopted(self, index: int, group: dict[str, Any]) -> None:
+        """At adoption: refuse a group whose decay cannot be had, also at the largest decay a schedule reaches."""
+        plan = self.plan(group)
+        if isinstance(plan, Refused):
+            raise ValueError(f"lightning_wd: param group {index} of {type(self.optimizer).__name__}: {plan.reason}")
+        self._warn_if_switch_overruled(index, group)
+        if self.config.schedule is not None and not isinstance(group.get("weight_decay"), Tensor):
+            end = self.config.weight_decay_end if group.get("weight_decay", 0.0) != 0 else 0.0
+            wd = max(group.get("weight_decay", 0.0), end)
+            x = self._peak_decay(group, wd)
+            self._checks.check(index, group, wd, x, (), what="would be decayed at its schedule's largest decay")
+            self._checks.forget()
 
-    def _native_settings(self, group: dict[str, Any], wd: Any) -> dict[str, Any] | None:
-        """The group settings under which the optimizer's own decay is this step's decay ``wd`` in ``self.mode``,
-        or ``None`` where it needs the generic pass."""
-        if not self.native or self.cautious:
-            return None
-        dtypes, has_special = self._info(group)
-        if has_special or (self.stochastic_rounding and dtypes & set(LOW_PRECISION)):
-            return None  # the optimizer's decay is per group; exclusions and rounding need the per-parameter pass
-        rule = self.rule
-        own = rule.own_rule(self.optimizer, group)
-        own_wd = group.get("weight_decay")
-        same = wd is own_wd or not isinstance(wd, Tensor) and not isinstance(own_wd, Tensor) and wd == own_wd
-        changed = {} if same else {"weight_decay": wd}  # a scheduled value (a tensor is compared by identity: no sync)
-        same_reference = self.mode not in WITH_LR_MAX or self._own_lr_max(group) == group.get(LR_MAX_KEY)
-        if own == self.mode and same_reference:
-            return changed
-        switched = rule.switches.get(self.mode)
-        if switched is not None and all(k in group for k in switched) and same_reference:
-            return {**switched, **changed}
-        if self.mode in WITH_LR_MAX and rule.step_size is group_lr:
-            # its own decoupled decay `lr * c` (in its own form and place), handed `c = x / lr` (independent:
-            # wd / lr_max; corrected: wd * lr / lr_max), is this mode's decay `x`; a tensor lr would make `c` a
-            # tensor: generic pass
-            base = {} if own == "decoupled" else rule.switches.get("decoupled")
-            if base is None or not all(k in group for k in base) or group.get(LR_MAX_KEY) is None:
-                return None
-            if self.mode == "independent":
-                return {**base, "weight_decay": wd / group[LR_MAX_KEY]}
-            if isinstance(group["lr"], (int, float)):
-                return {**base, "weight_decay": wd * group["lr"] / group[LR_MAX_KEY]}
-        return None
+    def _peak_decay(self, group: dict[str, Any], wd: float) -> Any:
+        """The per-step shrink of decay ``wd`` at the group's peak lr (its ``max_lr``/``initial_lr``, else lr)."""
+        lr = next((group[k] for k in ("max_lr", "initial_lr", "lr") if group.get(k) is not None), None)
+        return group_per_step_decay(self.rule, self.optimizer, self.config, {**group, "lr": lr}, wd)
 
-    def _own_lr_max(self, group: dict[str, Any]) -> float | None:
-        """The reference lr of the optimizer's own independent/corrected decay, where it has one."""
-        return self.rule.reference_lr(self.optimizer, group) if self.rule.reference_lr is not None else None
-
-    def _plan(self, group: dict[str, Any], wd: Any = None) -> tuple[dict[str, Any] | None, str | None]:
-        """``(settings, None)`` for the native handoff, ``(None, None)`` for the generic pass, ``(None, reason)`` where
-        this group cannot be given ``self.mode`` (checked at attach and at every step)."""
-        rule: OptimizerRule = self.rule
-        mode, name = self.mode, type(self.optimizer).__name__
-        if rule.refuse is not None:
-            reason = rule.refuse(self.optimizer, group, mode)
-            if reason is not None:
-                return None, reason
-        if self.cautious and rule.update_direction is None:
-            return None, (
-                f"cautious decay needs the sign of each step's update before the step, and lightning_wd does not know"
-                f" how to compute it for {name}. Use cautious=False."
-            )
-        if mode in WITH_LR_MAX and (group.get("lr") is None or group.get(LR_MAX_KEY) is None):
-            return None, (
-                f"mode={mode!r} scales the decay by lr / lr_max, and this group's lr is None ({name} then takes a"
-                " relative step size of its own). Give the optimizer an lr, or use mode='decoupled'."
-            )
-        settings = self._native_settings(group, self.current_weight_decay(group) if wd is None else wd)
-        if settings is not None:
-            return settings, None
-        # the generic pass: weight_decay set to 0 for the step, the decay applied by lightning_wd before it
-        why = self._why_generic()
-        if rule.own_rule(self.optimizer, group) == mode and not rule.generic_is_exact(group):
-            return None, (
-                f"{name}'s own {mode} decay ({rule.description}) happens where lightning_wd's separate pass, needed"
-                f" for {why}, cannot reproduce it. Give the parameters to exclude a param group with"
-                " weight_decay=0 instead of `exclude`, or leave the decay to the optimizer (native=True)."
-            )
-        if rule.generic_refusal is not None:
-            reason = rule.generic_refusal(self.optimizer, group, mode)
-            if reason is not None:
-                return None, f"mode={mode!r} needs lightning_wd's separate pass for {why}, but {reason}"
-        if mode in ("decoupled", "corrected") and self._step_size(group) is None:
-            return None, (
-                f"{name}'s step size is relative (set per parameter inside its step), so a decay that follows it"
-                " cannot be applied outside the step. Give it an lr (e.g. relative_step=False), or use"
-                " mode='decoupled' without exclusions so that it applies its own decay."
-            )
-        return None, None
-
-    def _why_generic(self) -> str:
-        """Why a group takes the generic pass, in words, for messages."""
-        if self.cautious:
-            return "cautious decay"
-        if not self.native:
-            return "native=False"
-        if self._excluded or self._uncorrected:
-            return "excluded or uncorrected parameters"
-        if self.stochastic_rounding:
-            return "stochastic rounding"
-        return f"mode={self.mode!r}, which {type(self.optimizer).__name__} does not implement itself"
-
-    # --- per step ------------------------------------------------------------------------------------------------
     def check_decay(self) -> None:
-        """Check every group's per-step decay now (also done whenever it changes): refuse one that would zero or
-        flip the weights, warn where bf16/fp16 rounding loses it."""
+        """Check every group's per-step decay now (also done whenever it changes): refuse one that would zero, flip
+        or poison the weights, warn where bf16/fp16 rounding loses it."""
         for index, group in enumerate(self.optimizer.param_groups):
             wd = self.current_weight_decay(group)
-            if isinstance(wd, Tensor) or wd != 0:
-                self._check_step(index, group, wd)
+            self._checks.check(index, group, wd, self.per_step_decay(group, wd), self._group_dtypes(group))
 
-    def _check_step(self, index: int, group: dict[str, Any], wd: Any) -> None:
-        if self.mode == "coupled":
-            return  # coupled decay multiplies nothing: it adds wd * p to the gradient
-        x = self.per_step_decay(group, wd)
-        if x is None or isinstance(x, Tensor) or self._last_decay.get(id(group["params"])) == x:
-            return  # a tensor is not read on the host (that would sync the device); an unchanged decay was checked
-        self._last_decay[id(group["params"])] = x
-        name = type(self.optimizer).__name__
-        if x >= 1:
-            raise ValueError(
-                f"lightning_wd: param group {index} of {name} would be decayed by {x:.4g} per step (p *= 1 - {x:.4g}),"
-                f" which zeroes or flips the sign of every weight (mode={self.mode!r}, weight_decay={wd:g}). A"
-                " per-step decay must be below 1; typical values are 1e-5 to 1e-2."
-            )
-        if self.mode in WITH_LR_MAX and ("lr", index) not in self._warned and group["lr"] > group[LR_MAX_KEY]:
-            self._warned.add(("lr", index))
-            rank_zero_warn(
-                f"lightning_wd: param group {index} of {name} has lr {group['lr']:.4g}, above its lr_max"
-                f" {group[LR_MAX_KEY]:.4g}, so mode={self.mode!r} decays it by more than at the peak it assumes."
-                " Pass `lr_max` = the schedule's peak lr."
-            )
-        if self.stochastic_rounding:
-            return  # stochastic rounding keeps the decay
-        for dtype in self._info(group)[0]:
-            if decay_is_lost(x, dtype) and (index, dtype) not in self._warned:
-                self._warned.add((index, dtype))
-                rank_zero_warn(
-                    f"lightning_wd: param group {index} of {name}: {lost_decay_message(x, dtype)} Pass"
-                    " `stochastic_rounding=True` to keep the decay, or keep fp32 master weights (e.g. bf16-mixed)."
-                )
+    def _warn_if_switch_overruled(self, index: int, group: dict[str, Any]) -> None:
+        """Where the user chose a decay rule on the optimizer and the mode replaces it, say so once."""
+        rule, opt, mode = self.rule, self.optimizer, self.config.mode
+        chosen = rule.chosen_switch(opt, group) if rule.chosen_switch is not None else None
+        own = rule.own_rule(opt, group)
+        if chosen is None or own == mode or index in self._warned or group.get("weight_decay", 0.0) == 0:
+            return
+        self._warned.add(index)
+        lr = group["lr"] if isinstance(group.get("lr"), (int, float)) else 1.0
+        change = describe_mode_change(own, mode, lr, rule.own_lr_max(opt, group), group.get(LR_MAX_KEY)) if own \
+            else "its own rule is none of lightning_wd's modes"
+        keep = f"mode={own!r}" if own else "no WeightDecay"
+        rank_zero_warn(
+            f"lightning_wd: {type(opt).__name__} was configured with {chosen} (its own decay: {own or 'its own rule'}"
+            f"), and mode={mode!r} replaces it in param group {index}: {change}. Use {keep} to keep the decay you"
+            " configured."
+        )
 
-    def _pre_step(self, optimizer: Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        # torch runs the hooks in a wrapper around each class's step(); a subclass whose step() calls super().step()
-        # runs them twice, nested. Only the outermost step takes the decay over: the wrapper's frame of the step in
-        # progress is still on the stack in a nested call (and not after a step that raised).
-        caller = sys._getframe(1)
-        if self._step_frame is not None and _on_stack(self._step_frame, caller):
-            return None
-        self._step_frame = caller
-        self._restore()  # a step that raised inside the optimizer left its values: the user's come back first
-        if len(self._seen) != len(self.optimizer.param_groups):
-            self._adopt(restored=False)  # groups added during training (BackboneFinetuning, add_param_group)
-        closure, positional = _closure_of(args, kwargs)
-        if closure is None:
-            self._take_over()
-            return None
-        wrapped = self._wrap_closure(closure)
-        if positional:
-            return (args[0], wrapped, *args[2:]), kwargs
-        return args, {**kwargs, "closure": wrapped}
+    # --- the step (StepHooks listener) ---------------------------------------------------------------------------
+    def on_begin(self, optimizer: Optimizer) -> None:
+        if self._records.pending():
+            self._records.adopt(restored=False)  # groups added during training (BackboneFinetuning) or replaced
 
-    def _post_step(self, optimizer: Optimizer, args: tuple, kwargs: dict) -> None:
-        if sys._getframe(1) is not self._step_frame:
-            return  # the end of a nested step(): the outer one is still running
-        self._step_frame = None
+    def on_grads_ready(self, optimizer: Optimizer) -> None:
+        """For this step: hand each group's current decay to the optimizer, or take it and apply it."""
+        generic = []
+        for index, group in enumerate(optimizer.param_groups):
+            wd = self.current_weight_decay(group)
+            if not isinstance(wd, Tensor) and wd == 0:
+                if group.get("weight_decay", 0.0) != 0:  # a schedule at 0 for this step
+                    self._stash_and_set(group, {"weight_decay": 0.0})
+                continue
+            plan = self.plan(group, wd)
+            if isinstance(plan, Refused):  # e.g. a switch the user flipped since attach
+                raise ValueError(f"lightning_wd: param group {index} of {type(optimizer).__name__}: {plan.reason}")
+            x = self.per_step_decay(group, wd)
+            self._checks.check(index, group, wd, x, self._group_dtypes(group))
+            if plan is GENERIC:
+                self._stash_and_set(group, {"weight_decay": 0.0})
+                generic.append((index, group, wd, x))
+            elif isinstance(plan, Native) and plan.settings:
+                self._stash_and_set(group, plan.settings)
+        self._pass.apply(generic)
+
+    def _stash_and_set(self, group: dict[str, Any], settings: Any) -> None:
+        self._stash.append((group, {k: group[k] for k in settings if k in group}))
+        group.update(settings)
+
+    def on_end(self, optimizer: Optimizer) -> None:
         self._restore()
-        if self.schedule is not None:
-            for group in optimizer.param_groups:
+        for group in optimizer.param_groups:
+            if self.config.schedule is not None:
                 group[STEP_KEY] = group.get(STEP_KEY, 0) + 1
+            if self.config.stochastic_rounding:
+                group[ROUNDING_KEY] = group.get(ROUNDING_KEY, 0) + 1
+
+    def on_abort(self, optimizer: Optimizer) -> None:
+        self._restore()  # the user's values are back before the exception leaves step()
+
+    def on_closure_repeat(self, optimizer: Optimizer) -> None:
+        raise RuntimeError(
+            f"{type(optimizer).__name__}.step() called its closure more than once; lightning_wd applies the decay"
+            " once per step after the closure and cannot follow an optimizer that re-evaluates it."
+        )
 
     def _restore(self) -> None:
         """Put the user's values back into every group the current step changed."""
-        for group, saved in self._stash:
+        for group, saved in reversed(self._stash):
             group.update(saved)
         self._stash.clear()
 
-    def _take_over(self) -> None:
-        """For this step: hand each group's current decay to the optimizer or take it and apply it; on any
-        exception, the groups get the user's values back before it propagates."""
-        try:
-            generic = []
-            for index, group in enumerate(self.optimizer.param_groups):
-                wd = self.current_weight_decay(group)
-                if not isinstance(wd, Tensor) and wd == 0:
-                    if group.get("weight_decay", 0.0) != 0:  # a schedule at 0 for this step
-                        self._stash.append((group, {"weight_decay": group["weight_decay"]}))
-                        group["weight_decay"] = 0.0
-                    continue
-                settings, refusal = self._plan(group, wd)
-                if refusal is not None:  # e.g. a switch the user flipped since attach
-                    raise ValueError(f"lightning_wd: param group {index} of {type(self.optimizer).__name__}: {refusal}")
-                self._check_step(index, group, wd)
-                if settings is None:
-                    self._stash.append((group, {"weight_decay": group.get("weight_decay", 0.0)}))
-                    group["weight_decay"] = 0.0
-                    generic.append((group, wd))
-                elif settings:
-                    self._stash.append((group, {k: group[k] for k in settings}))
-                    group.update(settings)
-            self._apply(generic)
-        except BaseException:
-            self._restore()
-            raise
-
-    def _wrap_closure(self, closure: Callable[[], Any]) -> Callable[[], Any]:
-        calls = 0
-
-        def closure_then_take_over() -> Any:
-            nonlocal calls
-            calls += 1
-            if calls > 1:
-                raise RuntimeError(
-                    f"{type(self.optimizer).__name__}.step() called its closure more than once; lightning_wd applies"
-                    " the decay once per step after the closure and cannot follow an optimizer that re-evaluates it."
-                )
-            with torch.enable_grad():
-                out = closure()
-            self._take_over()
-            return out
-
-        return closure_then_take_over
-
-    @torch.no_grad()
-    def _apply(self, groups: list[tuple[dict[str, Any], Any]]) -> None:
-        opt = self.optimizer
-        # Optimizers that handle AMP scaling themselves (torch's fused=True) are stepped even when the gradients
-        # are not finite, with `found_inf` and `grad_scale` set on them; their gradients are still scaled.
-        amp_in_step = getattr(opt, "_step_supports_amp_scaling", False)
-        found_inf = getattr(opt, "found_inf", None) if amp_in_step else None
-        grad_scale = getattr(opt, "grad_scale", None) if amp_in_step else None
-        for group, wd in groups:
-            params = [p for p in group["params"] if p.grad is not None and id(p) not in self._excluded]
-            if self.cautious:
-                self._apply_cautious(group, params, wd, found_inf, grad_scale)
-            elif self.mode == "coupled":
-                grads = [p.grad for p in params]
-                add_l2_to_grads_(params, grads, -wd if group.get("maximize", False) else wd, grad_scale)
-            else:
-                for subset, x in self._decays(group, params, wd):
-                    decay_weights_(subset, x, 1.0, skip=found_inf, stochastic_rounding=self.stochastic_rounding)
-
-    def _decays(self, group: dict[str, Any], params: list[Tensor], wd: Any) -> list[tuple[list[Tensor], Any]]:
-        """``(parameters, x)`` pairs of the multiplicative decay ``p *= 1 - x``: under mode="corrected" the
-        ``uncorrected`` parameters get the plain decoupled decay."""
-        x = self.per_step_decay(group, wd)
-        if not self._uncorrected:
-            return [(params, x)]
-        plain = [p for p in params if id(p) in self._uncorrected]
-        corrected = [p for p in params if id(p) not in self._uncorrected]
-        return [(corrected, x), (plain, per_step_decay("decoupled", group["lr"], wd, None, self._step_size(group)))]
-
-    def _apply_cautious(self, group: dict[str, Any], params: list[Tensor], wd: Any, found_inf: Any,
-                        grad_scale: Any) -> None:
-        direction = self.rule.update_direction
-        for subset, x in self._decays(group, params, wd):
-            grads = [p.grad for p in subset]
-            directions = [direction(self.optimizer, group, p, g) for p, g in zip(subset, grads)]
-            if any(d is None for d in directions):
-                raise ValueError(
-                    f"lightning_wd: cautious decay cannot know the sign of {type(self.optimizer).__name__}'s update"
-                    " with these settings (e.g. RMSprop with momentum). Use cautious=False."
-                )
-            if grad_scale is not None:  # the gradient still carries the loss scale, the state does not
-                raise ValueError("lightning_wd: cautious decay does not support fused optimizers under fp16 AMP yet.")
-            if self.mode == "coupled":
-                l2 = -wd if group.get("maximize", False) else wd
-                cautious_decay_(subset, directions, grads=grads, weight_decay=l2)
-            else:
-                cautious_decay_(subset, directions, per_step_decay=x, skip=found_inf)
+    def _after_load(self, optimizer: Optimizer) -> None:
+        self._records.adopt(restored=True)
+        self._checks.forget()
 
     # --- detaching -----------------------------------------------------------------------------------------------
     def detach(self) -> None:
         """Remove the hooks; the groups hold the user's values (and the record of the mode they were trained in)."""
         self._restore()
-        self._step_frame = None
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        StepHooks.of(self.optimizer).remove(self)
+        self._load_hook.remove()
         if _ATTACHED.get(self.optimizer) is self:
             del _ATTACHED[self.optimizer]
 
@@ -577,32 +311,12 @@ class AttachedWeightDecay:
         self.detach()
 
 
-def _on_stack(frame: Any, start: Any) -> bool:
-    """Whether ``frame`` is ``start`` or one of its callers."""
-    while start is not None:
-        if start is frame:
-            return True
-        start = start.f_back
-    return False
-
-
-def _check_lr_max_arg(lr_max: LrMax) -> Callable[[int], float | None]:
-    """``lr_max`` as a function of the group index (``None``: the group's own peak or initial lr)."""
-    if isinstance(lr_max, Sequence) and not isinstance(lr_max, str):
-        per_group = [check_lr_max(v) for v in lr_max]
-        return lambda index: per_group[index] if index < len(per_group) else None
-    value = check_lr_max(lr_max)
-    return lambda index: value
-
-
-def _peak_lr(group: Mapping[str, Any]) -> float | None:
-    """The reference lr of ``mode="independent"``: the schedule's peak where the scheduler records one in the group
-    (``OneCycleLR``'s ``max_lr``), else the lr it started from (``initial_lr``), else the current lr; a tensor lr's
-    value, not the tensor (which the scheduler goes on changing). ``None`` for an lr of ``None`` (relative steps)."""
-    for key in ("max_lr", "initial_lr", "lr"):
-        if group.get(key) is not None:
-            return _host_float(group[key])
-    return None
+def attached_to(optimizer: Any) -> AttachedWeightDecay | None:
+    """The weight decay attached to ``optimizer`` (or to the optimizer it wraps), if any."""
+    try:
+        return _ATTACHED.get(unwrap_optimizer(optimizer))
+    except TypeError:
+        return None
 
 
 def _warn_if_assumed(optimizer: Optimizer, registered_as: type | None) -> None:
@@ -646,26 +360,31 @@ def attach_weight_decay(
 
     Args:
         optimizer: any ``torch.optim.Optimizer`` whose ``step()`` evaluates its closure at most once, or the
-            optimizer that ``fabric.setup(...)`` returns.
+            optimizer that ``fabric.setup(...)`` returns, or a wrapper the registry knows (Lookahead: the decay goes
+            to the optimizer it wraps).
         mode: ``"decoupled"`` (``p -= lr * wd * p``, AdamW), ``"coupled"`` (``grad += wd * p``, L2 as in
             ``Adam(weight_decay=...)``), ``"independent"`` (``p -= (lr / lr_max) * wd * p``, decay that follows the
             lr schedule but not the lr's size) or ``"corrected"`` (``p -= (lr**2 / lr_max) * wd * p``, AdamC).
         weight_decay: one decay for every group, written into the groups now and again after ``load_state_dict``;
-            ``None`` keeps each group's own ``weight_decay``.
-        exclude: parameters never decayed (e.g. biases and norm weights).
-        lr_max: the reference lr of ``mode="independent"``: one for every group, or one per group; ``None`` takes
-            each group's ``max_lr`` (set by ``OneCycleLR``), else its ``initial_lr`` (set by LR schedulers), else its
-            lr when first seen.
+            ``None`` keeps each group's own ``weight_decay``. A group configured with no decay keeps none (see
+            :mod:`lightning_wd.records`).
+        exclude: parameters (tensors) never decayed (e.g. biases and norm weights); for name patterns use
+            :func:`lightning_wd.excluded_parameters`.
+        lr_max: the reference lr of the lr-scaled modes: one for every group, or one per group; ``None`` takes each
+            group's scheduler-recorded peak (``OneCycleLR``'s ``max_lr``), else the optimizer's own reference, else
+            its ``initial_lr`` (set by LR schedulers), else its lr when first seen (:mod:`lightning_wd.lr_reference`).
         native: let optimizers that implement the mode themselves (``torch.optim.AdamW``, ``Adam`` through its
             ``decoupled_weight_decay`` switch, ...) apply the decay in their own kernel (same result, no extra pass).
         stochastic_rounding: decay bf16/fp16 weights with stochastic rounding, so that a per-step decay smaller than
-            the format's resolution is not rounded away (see :mod:`lightning_wd.low_precision`). Without it, such a
-            lost decay is reported with a warning, once per group and dtype.
+            the format's resolution is not rounded away (see :mod:`lightning_wd.low_precision`), from a random stream
+            of its own (reproducible on resume, the same on every rank). Without it, such a lost decay is reported
+            with a warning, once per group and dtype.
         schedule: ``"cosine"`` or ``"linear"``: the decay goes from each group's ``weight_decay`` to
             ``weight_decay_end`` over ``total_steps`` steps (see :mod:`lightning_wd.schedules`); the steps taken are
             counted in the groups (``"lightning_wd_step"``), so a resumed ``state_dict`` goes on.
-        weight_decay_end, total_steps: the end value and length of ``schedule``.
-        uncorrected: under ``mode="corrected"``, parameters that get the plain decoupled decay instead.
+        weight_decay_end: the decay ``schedule`` reaches at its end.
+        total_steps: the length of ``schedule``, in optimizer steps.
+        uncorrected: under ``mode="corrected"``, parameters (tensors) that get the plain decoupled decay instead.
         cautious: decay only the elements whose update (its sign, read from the optimizer's state and gradient
             before the step) has the weight's sign (Chen et al. 2025).
         timescale_steps: set each group's ``weight_decay`` so that the decay's timescale ``1 / (per-step decay)`` at
@@ -675,8 +394,9 @@ def attach_weight_decay(
         A handle whose ``detach()`` removes the hooks.
 
     Raises:
-        ValueError: for a bad argument, an optimizer that already has weight decay attached, or a group whose decay
-            cannot be given in ``mode`` (the message says why and what to use instead).
+        TypeError: for an argument of the wrong type (``exclude`` holding name patterns, ``native="False"``, ...).
+        ValueError: for a bad value, an optimizer that already has weight decay attached, or a group whose decay
+            cannot be given in ``mode`` (the message says why and what to use instead). Nothing is attached then.
 
     Example::
 
@@ -691,7 +411,10 @@ def attach_weight_decay(
         'decoupled'
         >>> handle.detach()
     """
-    return AttachedWeightDecay(
-        optimizer, mode, weight_decay, exclude, lr_max, native, stochastic_rounding, schedule, weight_decay_end,
-        total_steps, uncorrected, cautious, timescale_steps,
+    config = DecayConfig(
+        mode=mode, weight_decay=weight_decay, lr_max=lr_max, native=native, stochastic_rounding=stochastic_rounding,
+        schedule=schedule, weight_decay_end=weight_decay_end, cautious=cautious, total_steps=total_steps,
+        timescale_steps=timescale_steps,
     )
+    return AttachedWeightDecay(optimizer, config, exclude, uncorrected)
+

@@ -18,14 +18,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import Union
 
 import torch
 from torch import Tensor
 
+from lightning_wd._types import Scalar
 from lightning_wd.low_precision import LOW_PRECISION, stochastic_round
-
-Scalar = Union[float, Tensor]
 
 #: the update direction of one parameter, elements ``[start, stop)`` of it flattened (a fresh tensor): its sign decides
 #: where cautious decay acts
@@ -37,6 +35,7 @@ __all__ = [
     "cautious_chunk_elements",
     "cautious_decay_",
     "decay_weights_",
+    "flat_like",
     "group_by_device_and_dtype",
     "local_tensor",
 ]
@@ -49,6 +48,19 @@ def local_tensor(t: Tensor) -> Tensor:
     """
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
+
+
+def flat_like(t: Tensor, ref: Tensor) -> Tensor:
+    """The elements of ``t`` as one 1-D tensor, in the order in which ``ref`` (a tensor of the same shape, e.g. the
+    parameter whose gradient or state ``t`` is) lays out its elements in memory: a view where ``t`` is laid out as
+    ``ref`` is (a channels-last weight, its gradient and its optimizer state), a copy otherwise.
+
+    Elementwise work on a parameter and its gradient and state then pairs the same elements, whatever the layout,
+    and touches each in memory order.
+    """
+    order = sorted(range(ref.dim()), key=lambda d: ref.stride(d), reverse=True)  # stable: ties keep dim order
+    permuted = t.permute(order) if order else t
+    return permuted.view(-1) if permuted.is_contiguous() else permuted.reshape(-1)
 
 
 def group_by_device_and_dtype(*lists: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[list[Tensor]]]:
@@ -76,6 +88,7 @@ def decay_weights_(
     weight_decay: float,
     skip: Tensor | None = None,
     stochastic_rounding: bool = False,
+    generator: Callable[[torch.device], torch.Generator] | None = None,
 ) -> None:
     """Decoupled decay in place: ``p *= 1 - lr * weight_decay`` for every ``p`` in ``params``.
 
@@ -91,6 +104,8 @@ def decay_weights_(
         stochastic_rounding: compute the product of bf16/fp16 tensors in fp32 and round it stochastically (see
             :mod:`lightning_wd.low_precision`), so that a decay below the format's resolution is not lost. It costs
             an fp32 temporary per such tensor; other dtypes are unaffected.
+        generator: the random generator of stochastic rounding on each device (``generator(device)``), drawn from
+            in the order of ``params``; ``None``: torch's default generator.
     """
     if not params or weight_decay == 0:
         return
@@ -100,8 +115,9 @@ def decay_weights_(
         if skip is not None:
             f = torch.where(_on_device(skip, device) > 0, torch.ones((), device=device), f)
         if stochastic_rounding and dtype in LOW_PRECISION:
+            g = generator(device) if generator is not None else None
             for t in tensors:  # per tensor: the rounding needs an fp32 temporary of the tensor's size
-                t.copy_(stochastic_round(t.float() * f, dtype))
+                t.copy_(stochastic_round(t.float() * f, dtype, g))
         else:
             torch._foreach_mul_(tensors, f)
 
@@ -161,7 +177,7 @@ def cautious_decay_(
 
     Decoupled (``per_step_decay = x``): ``p *= 1 - x`` where ``u * p >= 0``. Coupled (``grads`` given):
     ``g += weight_decay * p`` there. ``directions[i](start, stop)`` gives the update direction ``u`` of
-    ``params[i]``'s elements ``[start, stop)`` (flattened); it is called before the optimizer's step, from its state
+    ``params[i]``'s elements ``[start, stop)`` (flattened in the parameter's memory order, :func:`flat_like`); it is called before the optimizer's step, from its state
     and the gradient, so that no parameter-sized temporary is ever made. ``skip``: as in :func:`decay_weights_`.
 
     Example::
@@ -173,8 +189,9 @@ def cautious_decay_(
         tensor([ 0.5000, -1.0000,  2.0000,  0.0000])
     """
     for i, (param, direction) in enumerate(zip(params, directions)):
-        flat = local_tensor(param).view(-1)  # parameters are contiguous; a view, never a copy
-        target = flat if grads is None else local_tensor(grads[i]).view(-1)
+        local = local_tensor(param)
+        flat = flat_like(local, local)  # a view for any dense layout (channels-last, transposed); a copy otherwise
+        target = flat if grads is None else flat_like(local_tensor(grads[i]), local)
         if grads is None:
             factor: Scalar = 1 - per_step_decay
             if isinstance(factor, Tensor) or skip is not None:
@@ -189,3 +206,13 @@ def cautious_decay_(
                 target[start:stop].mul_(torch.where(same_sign, factor, 1.0))
             else:  # `add(p, alpha=wd)` where the signs agree: the arithmetic of the optimizers' own L2 term
                 target[start:stop].add_(torch.where(same_sign, flat[start:stop], 0.0), alpha=weight_decay)
+        _write_back(target, local if grads is None else local_tensor(grads[i]), local)
+
+
+def _write_back(flat: Tensor, t: Tensor, ref: Tensor) -> None:
+    """Where :func:`flat_like` had to copy ``t`` (a layout that is not dense), copy the result back into ``t``."""
+    if flat.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+        return  # a view: written in place
+    order = sorted(range(ref.dim()), key=lambda d: ref.stride(d), reverse=True)
+    permuted = t.permute(order) if order else t
+    permuted.copy_(flat.view(permuted.shape))

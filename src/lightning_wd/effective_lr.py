@@ -41,6 +41,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_wd._types import Scalar
+
 #: the statistics logged for every parameter, in this order
 STATS: tuple[str, ...] = ("min", "max", "mean", "median")
 
@@ -70,6 +72,8 @@ __all__ = [
     "RateSpec",
     "accumulate_partials",
     "adafactor_rate",
+    "bias_correction",
+    "root_rate",
     "adagrad_rate",
     "adam_rate",
     "adamax_rate",
@@ -78,22 +82,16 @@ __all__ = [
     "empty_partials",
     "fused_kernel_available",
     "fused_kernel_disabled",
+    "fused_kernel_enabled",
     "histogram_median_rel_error",
     "make_scratch",
     "radam_rate",
     "rate_statistics",
     "rmsprop_rate",
     "sparse_adam_rate",
-    "adabelief_rate",
-    "adamp_rate",
-    "debiased_adam_rate",
-    "lamb_rate",
-    "prodigy_rate",
-    "schedulefree_adamw_rate",
     "summarize_partials",
 ]
 
-Scalar = float | Tensor
 
 
 @dataclass(frozen=True)
@@ -163,6 +161,8 @@ def _flat(t: Tensor) -> Tensor:
     one parameter share their strides, so their flat views pair up element by element.
     """
     t = t.detach()
+    if t.is_complex():  # a complex state holds two numbers per element, each with its own rate, as the optimizer
+        t = torch.view_as_real(t)  # sees them (torch's optimizers step complex parameters through view_as_real)
     if t.is_contiguous():
         return t.view(-1)
     t = t.permute(sorted(range(t.dim()), key=lambda d: t.stride(d), reverse=True))
@@ -198,8 +198,24 @@ def _copy_fill(t: Tensor) -> _StateFill:
     return _StateFill(t, root=False)
 
 
+def _numel(t: Tensor) -> int:
+    """The number of rates of a state ``t``: twice its elements for a complex one (see :func:`_flat`)."""
+    return t.numel() * (2 if t.is_complex() else 1)
+
+
 def _zero_fill(start: int, stop: int, out: Tensor) -> None:
     out.zero_()
+
+
+def root_rate(v: Tensor, scale: Scalar, eps: Scalar) -> RateSpec:
+    """``scale / (sqrt(v) + eps)`` of every element of the second-moment state ``v``: the shape of most formulas
+    (the registry's family modules build theirs from it)."""
+    return RateSpec(scale, eps, _numel(v), _root_fill(v), v.device)
+
+
+def bias_correction(beta: float, step: float | Tensor) -> Scalar:
+    """``1 - beta**step`` (see :func:`_bias_correction`)."""
+    return _bias_correction(beta, step)
 
 
 def adam_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
@@ -218,7 +234,7 @@ def adam_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None
         return None
     v = state[key]
     root_bc2 = _sqrt(_bias_correction(group["betas"][1], _step(state)))
-    return RateSpec(group["lr"] * root_bc2, group["eps"] * root_bc2, v.numel(), _root_fill(v), v.device)
+    return RateSpec(group["lr"] * root_bc2, group["eps"] * root_bc2, _numel(v), _root_fill(v), v.device)
 
 
 def sparse_adam_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
@@ -229,7 +245,7 @@ def sparse_adam_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor
         return None
     v = state["exp_avg_sq"]
     root_bc2 = _sqrt(_bias_correction(group["betas"][1], _step(state)))
-    return RateSpec(group["lr"] * root_bc2, group["eps"], v.numel(), _root_fill(v), v.device)
+    return RateSpec(group["lr"] * root_bc2, group["eps"], _numel(v), _root_fill(v), v.device)
 
 
 def radam_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
@@ -256,10 +272,10 @@ def radam_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | Non
 
         # where() keeps the NaN of the root of a negative rect_sq out of the chosen branch
         scale = torch.where(on, lr * rect_sq.clamp(min=0).sqrt() * bc2.sqrt(), lr)
-        return RateSpec(scale, torch.where(on, eps, 1.0), v.numel(), fill, v.device)
+        return RateSpec(scale, torch.where(on, eps, 1.0), _numel(v), fill, v.device)
     if rho_t > 5:
-        return RateSpec(lr * math.sqrt(rect_sq) * math.sqrt(bc2), eps, v.numel(), _root_fill(v), v.device)
-    return RateSpec(lr, 1.0, v.numel(), _zero_fill, v.device)
+        return RateSpec(lr * math.sqrt(rect_sq) * math.sqrt(bc2), eps, _numel(v), _root_fill(v), v.device)
+    return RateSpec(lr, 1.0, _numel(v), _zero_fill, v.device)
 
 
 def adamax_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
@@ -269,7 +285,7 @@ def adamax_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | No
     if "exp_inf" not in state:
         return None
     u = state["exp_inf"]
-    return RateSpec(group["lr"], 0.0, u.numel(), _copy_fill(u), u.device)
+    return RateSpec(group["lr"], 0.0, _numel(u), _copy_fill(u), u.device)
 
 
 def rmsprop_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
@@ -280,7 +296,7 @@ def rmsprop_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | N
         return None
     sq = state["square_avg"]
     if not group.get("centered", False):
-        return RateSpec(group["lr"], group["eps"], sq.numel(), _root_fill(sq), sq.device)
+        return RateSpec(group["lr"], group["eps"], _numel(sq), _root_fill(sq), sq.device)
     sq_flat, avg_flat = _flat(sq), _flat(state["grad_avg"])
 
     def fill(start: int, stop: int, out: Tensor) -> None:
@@ -291,7 +307,7 @@ def rmsprop_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | N
             out.copy_(s).addcmul_(g, g, value=-1)
         out.sqrt_()
 
-    return RateSpec(group["lr"], group["eps"], sq.numel(), fill, sq.device)
+    return RateSpec(group["lr"], group["eps"], _numel(sq), fill, sq.device)
 
 
 def adagrad_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
@@ -303,7 +319,7 @@ def adagrad_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | N
     if not isinstance(t, Tensor) and t == 0:
         return None
     s = state["sum"]
-    return RateSpec(group["lr"] / (1 + (t - 1) * group["lr_decay"]), group["eps"], s.numel(), _root_fill(s), s.device)
+    return RateSpec(group["lr"] / (1 + (t - 1) * group["lr_decay"]), group["eps"], _numel(s), _root_fill(s), s.device)
 
 
 def adafactor_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor) -> RateSpec | None:
@@ -356,77 +372,6 @@ def adafactor_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor) 
     return RateSpec(alpha, 0.0, param.numel(), fill, param.device, row=n_cols)
 
 
-# --- third-party Adam variants (their entries are in lightning_wd.optimizers) -----------------------------------
-def debiased_adam_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
-    """``lr / (sqrt(v) + eps)``: torch-optimi's Adam and AdamW, whose debiased betas keep ``exp_avg`` and
-    ``exp_avg_sq`` unbiased already; the factor of ``exp_avg`` in their update."""
-    if "exp_avg_sq" not in state:
-        return None
-    v = state["exp_avg_sq"]
-    return RateSpec(group["lr"], group["eps"], v.numel(), _root_fill(v), v.device)
-
-
-def adabelief_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
-    """``lr / (sqrt(s / (1 - beta2^t)) + eps)``: pytorch-optimizer's AdaBelief (not rectified), the factor of
-    ``m_hat`` in its update, with ``s = exp_avg_var`` (its ``eps`` already added inside) and ``t = group["step"]``."""
-    if "exp_avg_var" not in state or group.get("rectify", False):
-        return None
-    s = state["exp_avg_var"]
-    root_bc2 = _sqrt(_bias_correction(group["betas"][1], group["step"]))
-    return RateSpec(group["lr"] * root_bc2, group["eps"] * root_bc2, s.numel(), _root_fill(s), s.device)
-
-
-def adamp_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
-    """``lr * sqrt(1 - beta2^t) / (sqrt(v) + eps)``: pytorch-optimizer's AdamP, the factor of ``m_hat`` before its
-    projection (which then removes the update's radial part where it fires), ``t = group["step"]``."""
-    if "exp_avg_sq" not in state:
-        return None
-    v = state["exp_avg_sq"]
-    root_bc2 = _sqrt(_bias_correction(group["betas"][1], group["step"]))
-    return RateSpec(group["lr"] * root_bc2, group["eps"], v.numel(), _root_fill(v), v.device)
-
-
-def lamb_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
-    """``lr * trust_ratio / (sqrt(v) + eps)``: pytorch-optimizer's LAMB (not rectified), the factor of
-    ``m_hat`` in its update, with the layer's trust ratio of this step (``state["trust_ratio"]``; 1 with
-    ``adam=True``) and no bias correction of ``v``."""
-    if "exp_avg_sq" not in state or group.get("rectify", False):
-        return None
-    v = state["exp_avg_sq"]
-    trust = 1.0 if group.get("adam", False) else state.get("trust_ratio", 1.0)
-    return RateSpec(group["lr"] * trust, group["eps"], v.numel(), _root_fill(v), v.device)
-
-
-def prodigy_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
-    """``d * lr * bc / (sqrt(v) + d * eps)``: prodigyopt's Prodigy, the factor of ``exp_avg`` (an EMA of ``d * g``)
-    in its update, with ``bc = sqrt(1 - beta2^k) / (1 - beta1^k)`` under ``use_bias_correction``.
-
-    ``d`` is the group's estimate after the step. The step itself multiplied by the estimate from before its update
-    (and added ``d * eps`` with the new one), so while ``d`` still grows the rate logged is the coming step's; once
-    ``d`` has settled, the two are the same."""
-    if "exp_avg_sq" not in state or group["betas"][0] == 0:
-        return None
-    v, d = state["exp_avg_sq"], group["d"]
-    bc = 1.0
-    if group.get("use_bias_correction", False):
-        beta1, beta2 = group["betas"]
-        bc = math.sqrt(1 - beta2 ** group["k"]) / (1 - beta1 ** group["k"])
-    return RateSpec(d * group["lr"] * bc, d * group["eps"], v.numel(), _root_fill(v), v.device)
-
-
-def schedulefree_adamw_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None
-                            ) -> RateSpec | None:
-    """``lr_t / (sqrt(v / (1 - beta2^k)) + eps)``: schedulefree's AdamWScheduleFree, the factor of the gradient in
-    the step of its ``z`` sequence (``lr_t`` = ``group["scheduled_lr"]``, the lr with its warm-up; ``k`` the steps
-    taken). The weights the model sees (``y``) and evaluates (``x``) are averages of ``z``: they move by a fraction
-    of it."""
-    if "exp_avg_sq" not in state or "scheduled_lr" not in group:
-        return None
-    v = state["exp_avg_sq"]
-    root_bc2 = _sqrt(_bias_correction(group["betas"][1], group["k"]))
-    return RateSpec(group["scheduled_lr"] * root_bc2, group["eps"] * root_bc2, v.numel(), _root_fill(v), v.device)
-
-
 @dataclass(frozen=True)
 class Formula:
     """What the monitor knows about one optimizer class.
@@ -452,74 +397,49 @@ ORTHOGONALIZED = Formula(None, "it orthogonalizes the whole update matrix: no el
 
 # --- the statistics ---------------------------------------------------------------------------------------------
 
-try:  # the fused CPU pass: an optional C extension (setup.py); where it was not built, the eager pass below runs
-    from lightning_wd import _rate_kernel as _kernel
-except ImportError:  # pragma: no cover - depends on the install
-    _kernel = None
-
-# the state dtypes the fused kernel reads (its dtype codes); others go through the eager pass in fp32
-_KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_triton_enabled = True
 
 
-def fused_kernel_available() -> bool:
-    """Whether the fused CPU pass of :func:`accumulate_partials` was built (the optional C extension
-    ``lightning_wd._rate_kernel``; installing from source with a C compiler builds it).
+def fused_kernel_enabled() -> bool:
+    """Whether the fused Triton pass may be used (``False`` inside :func:`fused_kernel_disabled`)."""
+    return _triton_enabled
 
-    It reads a CPU state once and computes the rate, its min, max, sum and histogram in the same pass: about half
-    the time of the eager torch ops it replaces (0.91 against 1.7 ms per million elements on one thread of the
-    development machine, ``benchmarks/stats_pass.py``). It gives the same statistics, with
-    one difference: torch's CPU ``sqrt`` may round an element's root one ulp away from the correctly rounded one
-    that the kernel computes, which can move that element's rate by an ulp (and, rarely, across a bin's edge).
-    Without the extension, or for a state it does not read, the eager pass runs.
+
+def fused_kernel_available(device: torch.device | str | None = None) -> bool:
+    """Whether :func:`rate_statistics` takes the fused Triton pass on ``device`` (default: any CUDA device): Triton
+    is installed (it comes with torch's CUDA builds), the device is a CUDA GPU, and the pass is not switched off.
+
+    The fused pass reads each state twice in all (once for the minimum, maximum, sum and the histogram of the rate's
+    powers of two, once for the bins of the median's power of two), instead of the eager torch pass's eight ops per
+    chunk and its atomic-bound histogram: on an H200, a small fraction of an optimizer step where the eager pass
+    costs many (BENCHMARKS.md). Both give the same statistics. Elsewhere (a CPU, a GPU without Triton, an
+    accelerator Triton does not serve) the eager pass runs.
     """
-    return _kernel is not None
+    device = torch.device(device) if device is not None else None
+    if not _triton_enabled or (device.type != "cuda" if device is not None else not torch.cuda.is_available()):
+        return False
+    from lightning_wd import rate_triton
+
+    return rate_triton.HAS_TRITON
 
 
 @contextlib.contextmanager
 def fused_kernel_disabled() -> Iterator[None]:
-    """Within it, the statistics go through the eager torch pass even where the fused kernel was built: to compare
-    the two, or to rule the kernel out.
+    """Within it, the statistics go through the eager torch pass even where the fused Triton pass is available: to
+    compare the two, or to rule the kernel out.
 
     Example::
 
         >>> with fused_kernel_disabled():
-        ...     fused_kernel_available()
+        ...     fused_kernel_available("cuda")
         False
     """
-    global _kernel
-    kernel, _kernel = _kernel, None
+    global _triton_enabled
+    enabled, _triton_enabled = _triton_enabled, False
     try:
         yield
     finally:
-        _kernel = kernel
-
-
-def _host_scalar(x: Scalar) -> float | None:
-    """``x`` as a float, where that costs no device sync (a CPU tensor, or a number); else ``None``."""
-    if isinstance(x, Tensor):
-        return float(x) if x.device.type == "cpu" and x.numel() == 1 else None
-    return float(x)
-
-
-def _accumulate_fused(spec: RateSpec, ext: Tensor, sums: Tensor) -> bool:
-    """:func:`accumulate_partials` by the fused kernel, where it applies (a CPU state in fp32 or bf16 behind a
-    plain root or copy ``fill``, CPU rows of partials); ``False`` where it does not, and nothing done."""
-    fill = spec.fill
-    if _kernel is None or spec.device.type != "cpu" or not isinstance(fill, _StateFill):
-        return False
-    # a plain dense tensor: the kernel reads its memory (not a DTensor's, nor a fake or functional tensor's)
-    if type(fill.flat) is not Tensor or fill.flat.layout != torch.strided or not fill.flat.is_contiguous():
-        return False
-    dtype = _KERNEL_DTYPES.get(fill.flat.dtype)
-    scale, eps = _host_scalar(spec.scale), _host_scalar(spec.eps)
-    if dtype is None or scale is None or eps is None or fill.flat.numel() != spec.numel:
-        return False
-    if not (ext.device.type == sums.device.type == "cpu" and ext.dtype == torch.float32 and ext.is_contiguous()
-            and sums.dtype == torch.float64 and sums.is_contiguous()):
-        return False
-    _kernel.accumulate(fill.flat.data_ptr(), spec.numel, dtype, fill.root, scale, eps, ext.data_ptr(),
-                       sums.data_ptr(), _FIRST_BIN_BITS, HIST_BINS, _SHIFT)
-    return True
+        _triton_enabled = enabled
 
 
 def chunk_elements(device: torch.device) -> int:
@@ -595,7 +515,7 @@ def accumulate_partials(spec: RateSpec, ext: Tensor, sums: Tensor, scratch: Tens
     On a CPU, a state behind a plain root or copy ``fill`` goes through the fused kernel instead, in one pass and
     without the scratch (:func:`fused_kernel_available`).
     """
-    if spec.numel == 0 or _accumulate_fused(spec, ext, sums):
+    if spec.numel == 0:
         return
     _accumulate_eager(spec, ext, sums, scratch)
 
@@ -699,10 +619,16 @@ def rate_statistics(
     per_group: bool = True,
     shards: Sequence[Hashable | None] | None = None,
     reduce: Callable[[Partials, Any], None] | None = None,
+    buckets: Sequence[int | None] | None = None,
+    n_buckets: int = 0,
 ) -> Tensor:
     """``[min, max, mean, median]`` (fp32, as :func:`summarize_partials`) of each spec's rate (the first
-    ``len(specs)`` rows, with ``per_parameter``) and of all of them together (the last row, with ``per_group``), on
-    the first spec's device.
+    ``len(specs)`` rows, with ``per_parameter``), of the specs of each bucket together (the next ``n_buckets`` rows:
+    ``buckets[i]`` is spec ``i``'s bucket, or ``None``), and of all of them together (the last row, with
+    ``per_group``), on the first spec's device.
+
+    On a CUDA GPU with Triton the fused pass takes the specs whose state it can read
+    (:func:`fused_kernel_available`); otherwise, or for any other spec in the call, the eager torch pass below.
 
     Each parameter's statistics are accumulated into a row of a block of :data:`BLOCK_ROWS` rows through a
     chunk-sized scratch buffer; a full block is summarized into four numbers per row and added into the group's
@@ -717,13 +643,28 @@ def rate_statistics(
     """
     if not specs:
         raise ValueError("rate_statistics needs at least one RateSpec")
-    device = specs[0].device
     tokens = list(shards) if shards is not None else [None] * len(specs)
     if any(t is not None for t in tokens) and reduce is None:
         raise ValueError("sharded specs need a `reduce`")
-    n_out = (len(specs) if per_parameter else 0) + (1 if per_group else 0)
+    bucket_of = list(buckets) if buckets is not None else [None] * len(specs)
+    if _triton_enabled and specs[0].device.type == "cuda":
+        from lightning_wd import rate_triton
+
+        if rate_triton.HAS_TRITON and all(rate_triton.triton_accepts(s) for s in specs):
+            return rate_triton.triton_rate_statistics(specs, per_parameter, per_group, tokens, reduce, bucket_of,
+                                                      n_buckets)
+    return _eager_rate_statistics(specs, per_parameter, per_group, tokens, reduce, bucket_of, n_buckets)
+
+
+def _eager_rate_statistics(specs: Sequence[RateSpec], per_parameter: bool, per_group: bool,
+                           tokens: list[Hashable | None], reduce: Any, bucket_of: list[int | None],
+                           n_buckets: int) -> Tensor:
+    """:func:`rate_statistics` by torch ops."""
+    device = specs[0].device
+    n_out = (len(specs) if per_parameter else 0) + n_buckets + (1 if per_group else 0)
     out = torch.empty(n_out, len(STATS), dtype=torch.float32, device=device)
     group = empty_partials(1, device) if per_group else None
+    bucketed = empty_partials(n_buckets, device) if n_buckets else None
 
     largest: dict[torch.device, int] = {}
     for spec in specs:
@@ -732,7 +673,7 @@ def rate_statistics(
     scratch: dict[torch.device, Tensor] = {}
 
     def accumulate(spec: RateSpec, ext: Tensor, sums: Tensor) -> None:
-        if spec.numel == 0 or _accumulate_fused(spec, ext, sums):
+        if spec.numel == 0:
             return
         if spec.device not in scratch:
             scratch[spec.device] = make_scratch(largest[spec.device], spec.device)
@@ -760,9 +701,11 @@ def rate_statistics(
                 for j, i in enumerate(block.index):
                     out[i] = stats[j]
         if group is not None:
-            torch.minimum(group.ext[0, 0], part.ext[:, 0].min(), out=group.ext[0, 0])
-            torch.maximum(group.ext[0, 1], part.ext[:, 1].max(), out=group.ext[0, 1])
-            group.sums[0].add_(part.sums.sum(0))
+            _combine(group, 0, part.ext.amin(0)[0], part.ext.amax(0)[1], part.sums.sum(0))
+        if bucketed is not None:
+            for j, i in enumerate(block.index):
+                if bucket_of[i] is not None:
+                    _combine(bucketed, bucket_of[i], part.ext[j, 0], part.ext[j, 1], part.sums[j])
         block.reset()
 
     for i, (spec, token) in enumerate(zip(specs, tokens)):
@@ -782,6 +725,16 @@ def rate_statistics(
     for token, block in blocks.items():  # the same order on every process: that of the tokens' first appearance
         if block.index:
             flush(token, block)
+    first = len(specs) if per_parameter else 0
+    if bucketed is not None:
+        out[first : first + n_buckets] = summarize_partials(*bucketed)
     if group is not None:
         out[-1] = summarize_partials(*group)[0]
     return out
+
+
+def _combine(into: Partials, row: int, lo: Tensor, hi: Tensor, sums: Tensor) -> None:
+    """Add the partials ``(lo, hi, sums)`` into row ``row`` of ``into``."""
+    torch.minimum(into.ext[row, 0], lo, out=into.ext[row, 0])
+    torch.maximum(into.ext[row, 1], hi, out=into.ext[row, 1])
+    into.sums[row].add_(sums)

@@ -20,11 +20,14 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 #: the segment ``torch.compile`` adds to the names of a compiled module's parameters
 COMPILED_SEGMENT = "_orig_mod."
 
-__all__ = ["NORM_TYPES", "check_patterns", "excluded_parameters", "format_exclusions", "unmatched_patterns"]
+__all__ = ["NORM_TYPES", "check_patterns", "excluded_parameters", "format_exclusions", "matches", "unmatched_patterns"]
 
 
 def check_patterns(patterns: Any, name: str = "exclude") -> list[str]:
-    """``patterns`` as a list of glob patterns, or a ``TypeError``/``ValueError`` that names the argument ``name``."""
+    """``patterns`` as a list of glob patterns (``None``: none), or a ``TypeError``/``ValueError`` that names the
+    argument ``name``."""
+    if patterns is None:
+        return []
     if isinstance(patterns, str):
         raise ValueError(f"`{name}` must be a list of glob patterns, got the string {patterns!r}:"
                          f" write [{patterns!r}].")
@@ -46,7 +49,8 @@ def _is_bias(p_name: str) -> bool:
     return p_name == "bias" or p_name.endswith("_bias") or p_name.startswith("bias_")
 
 
-def _matches(name: str, pattern: str) -> bool:
+def matches(name: str, pattern: str) -> bool:
+    """Whether parameter ``name`` matches the glob ``pattern``, with or without compile's ``_orig_mod.``."""
     # a pattern written for the model also matches it compiled, where names gain `_orig_mod.`
     return fnmatchcase(name, pattern) or fnmatchcase(name.replace(COMPILED_SEGMENT, ""), pattern)
 
@@ -68,7 +72,7 @@ def _scan(module: nn.Module, exclude: Iterable[str], exclude_bias_and_norm: bool
             elif exclude_bias_and_norm and _is_bias(p_name):
                 yield name, p, "bias"
             else:
-                matched = next((pat for pat in patterns if _matches(name, pat)), None)
+                matched = next((pat for pat in patterns if matches(name, pat)), None)
                 if matched is not None:
                     yield name, p, repr(matched)
 
@@ -106,7 +110,7 @@ def unmatched_patterns(module: nn.Module, exclude: Iterable[str]) -> list[str]:
         ['*.bias']
     """
     names = [name for name, _ in module.named_parameters()]
-    return [pat for pat in exclude if not any(_matches(name, pat) for name in names)]
+    return [pat for pat in exclude if not any(matches(name, pat) for name in names)]
 
 
 def format_exclusions(

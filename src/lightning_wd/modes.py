@@ -1,63 +1,15 @@
-"""The decay modes and the checks on their arguments, shared by the callback and the plain-PyTorch API."""
+"""The decay modes and their per-step arithmetic, shared by the engine, the callbacks and the monitors."""
 
 from __future__ import annotations
 
-import math
-from typing import Literal, Union
+from typing import Literal
 
-from torch import Tensor
+from lightning_wd._types import Scalar
 
 Mode = Literal["decoupled", "coupled", "independent", "corrected"]
 MODES: tuple[str, ...] = ("decoupled", "coupled", "independent", "corrected")
 #: the modes whose decay is measured against a reference lr ``lr_max``
 WITH_LR_MAX: tuple[str, ...] = ("independent", "corrected")
-Scalar = Union[float, Tensor]
-
-
-def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ValueError(f"`mode` must be one of {', '.join(repr(m) for m in MODES)}, got {mode!r}.")
-    return mode
-
-
-def _check_number(name: str, value: object, accepted: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"`{name}` must be {accepted}, got {value!r}.")
-    if not math.isfinite(value):
-        raise ValueError(f"`{name}` must be a finite number ({accepted}), got {value!r}.")
-    return float(value)
-
-
-def check_weight_decay(weight_decay: float | None) -> float | None:
-    if weight_decay is None:
-        return None
-    value = _check_number("weight_decay", weight_decay, "a float >= 0 or None")
-    if value < 0:
-        raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay}.")
-    return value
-
-
-def check_lr_max(lr_max: float | None) -> float | None:
-    if lr_max is None:
-        return None
-    value = _check_number("lr_max", lr_max, "a float > 0 or None (the group's peak or initial lr)")
-    if value <= 0:
-        raise ValueError(f"`lr_max` must be a float > 0 or None (the group's peak or initial lr), got {lr_max!r}.")
-    return value
-
-
-def check_timescale(timescale: float | None, mode: str, weight_decay: float | None) -> float | None:
-    """``timescale`` (> 0, finite), with a mode that shrinks the weights and no explicit ``weight_decay``."""
-    if timescale is None:
-        return None
-    value = _check_number("timescale", timescale, "a float > 0 or None")
-    if value <= 0:
-        raise ValueError(f"`timescale` must be > 0, got {timescale!r}.")
-    if mode == "coupled":
-        raise ValueError("`timescale` sets how fast the weights decay; mode='coupled' does not shrink them.")
-    if weight_decay is not None:
-        raise ValueError("Pass either `weight_decay` or `timescale` (which sets the weight decay), not both.")
-    return value
 
 
 def per_step_decay(

@@ -50,43 +50,29 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_wd._types import Scalar
 from lightning_wd.decay import local_tensor
+from lightning_wd.modes import per_step_decay
+from lightning_wd.optimizers import Equilibrium, rule_for
 
-Scalar = Union[float, Tensor]
+#: a decay as the norms see it: ``("shrink", x)`` for ``p *= 1 - x``, ``("l2", wd)`` for ``g += wd * p``
+Decay = tuple[str, Any]
 
 __all__ = [
-    "EQUILIBRIUM_KINDS",
+    "Decay",
     "adam_l2_norm",
-    "equilibrium_kind",
+    "decay_of_group",
+    "equilibrium_norm",
     "normalized_update_norm",
     "sgdm_norm",
     "squared_norms",
 ]
-
-#: the update rule of each optimizer the paper covers: ``"adam"`` (``lr * m_hat / sqrt(v_hat)``, per-element RMS
-#: about 1), ``"lion"`` (``lr * sign(...)``, RMS exactly 1) and ``"sgdm"`` (``lr * momentum buffer``). Keyed by
-#: class; subclasses get their base's entry.
-EQUILIBRIUM_KINDS: dict[type, str] = {torch.optim.Adam: "adam", torch.optim.AdamW: "adam", torch.optim.SGD: "sgdm"}
-#: Lion lives outside torch (lion-pytorch, pytorch_optimizer, timm, optimi), each as a class named ``Lion`` with the
-#: same sign update; it is recognized by that name.
-EQUILIBRIUM_KINDS_BY_NAME: dict[str, str] = {"Lion": "lion"}
-
-
-def equilibrium_kind(optimizer: Optimizer, group: Mapping[str, Any]) -> str | None:
-    """``"adam"``, ``"lion"``, ``"sgdm"``, or ``None`` for an update rule the paper does not cover (AMSGrad among
-    them: its running maximum of ``v`` makes the update smaller than the gradient's RMS)."""
-    for klass in type(optimizer).__mro__:
-        kind = EQUILIBRIUM_KINDS.get(klass) or EQUILIBRIUM_KINDS_BY_NAME.get(klass.__name__)
-        if kind is not None:
-            return None if kind == "adam" and group.get("amsgrad", False) else kind
-    return None
-
 
 # --- the closed forms --------------------------------------------------------------------------------------------
 def normalized_update_norm(lr: Scalar, shrink: Scalar, numel: int) -> Scalar:
@@ -160,3 +146,53 @@ def squared_norms(tensors: Sequence[Tensor]) -> Tensor:
 
 def _dense(t: Tensor) -> Tensor:
     return t.coalesce().values() if t.is_sparse else t
+
+
+# --- the decay each parameter gets, and its equilibrium ---------------------------------------------------------
+def decay_of_group(optimizer: Optimizer, group: Mapping[str, Any], attached: Any = None
+                   ) -> tuple[Decay | None, list[Decay | None]]:
+    """The decay ``group`` gets in the coming step, and each of its parameters': from ``attached`` (a
+    :class:`lightning_wd.AttachedWeightDecay`: its mode, schedule, exclusions and uncorrected parameters) where
+    given, else from the optimizer's own ``weight_decay`` as its registry entry describes it (``None``: none, or a
+    rule whose per-step shrink cannot be read before the step, such as a relative step size)."""
+    if attached is None:
+        decay = _own_decay(optimizer, group)
+        return decay, [decay] * len(group["params"])
+    wd = attached.current_weight_decay(group)
+    shrink = attached.per_step_decay(group, wd)
+    decay: Decay | None = ("l2", wd) if attached.mode == "coupled" else None if shrink is None else ("shrink", shrink)
+    step = attached.step_size(group)
+    plain = None if step is None else ("shrink", per_step_decay("decoupled", group["lr"], wd, None, step))
+    return decay, [None if attached.is_excluded(p) else plain if attached.is_uncorrected(p) else decay
+                   for p in group["params"]]
+
+
+def _own_decay(optimizer: Optimizer, group: Mapping[str, Any]) -> Decay | None:
+    wd = group.get("weight_decay", 0.0)
+    rule, _ = rule_for(optimizer)
+    own = rule.own_rule(optimizer, group)
+    if own == "coupled":
+        return ("l2", wd)
+    step = rule.group_step_size(optimizer, group)
+    if own == "decoupled" and step is not None:
+        return ("shrink", per_step_decay("decoupled", group["lr"], wd, None, step))
+    return None
+
+
+def equilibrium_norm(form: Equilibrium | None, p: Tensor, lr: float, decay: Decay | None, w_sq: float | None,
+                     g_sq: float | None) -> float | None:
+    """The predicted norm of weight matrix ``p`` under update ``form``, ``lr`` and ``decay`` (with its squared norm
+    ``w_sq`` and its gradient's ``g_sq`` at this step), or ``None`` where the paper has no prediction: 1-D
+    parameters, no decay, an update rule it does not cover."""
+    if p.dim() < 2 or decay is None or form is None:
+        return None
+    kind, x = decay
+    scale_free = math.sqrt(w_sq * g_sq) if w_sq is not None and g_sq is not None else None  # |g~| = |g| |w|
+    if form.kind in ("adam", "lion") and kind == "shrink":
+        return normalized_update_norm(lr, x, p.numel())
+    if form.kind == "adam" and kind == "l2" and scale_free is not None:
+        return adam_l2_norm(lr, x, p.numel(), scale_free)
+    if form.kind == "sgdm" and scale_free is not None:
+        decay_arg = {"weight_decay": x} if kind == "l2" else {"shrink": x}
+        return sgdm_norm(lr, scale_free, form.momentum, form.dampening, **decay_arg)
+    return None

@@ -17,10 +17,12 @@ from lightning_wd.optimizers import (  # noqa: F401  (each registers its family'
 )
 from lightning_wd.optimizers.registry import (
     UNKNOWN,
+    Equilibrium,
     OptimizerRule,
     always,
     formula_for,
     group_lr,
+    non_default,
     register_optimizer,
     rule_for,
     switch,
@@ -28,10 +30,12 @@ from lightning_wd.optimizers.registry import (
 
 __all__ = [
     "UNKNOWN",
+    "Equilibrium",
     "OptimizerRule",
     "always",
     "formula_for",
     "group_lr",
+    "non_default",
     "register_optimizer",
     "rule_for",
     "switch",

@@ -11,32 +11,38 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_wd.decay import Direction, local_tensor
+from lightning_wd.decay import Direction, flat_like, local_tensor
 from lightning_wd.optimizers.registry import Group
 
 __all__ = ["Direction", "adam_direction", "gradient_direction", "lion_direction", "sgd_direction"]
 
 
-def _flat_grad(group: Group, grad: Tensor) -> Tensor:
-    g = local_tensor(grad).view(-1)
-    return g.neg() if group.get("maximize", False) else g  # a maximizing optimizer steps along +g
+def _flat(t: Tensor, param: Tensor) -> Tensor:
+    """``t`` (the gradient or a state of ``param``) flattened in ``param``'s memory order, as cautious decay walks it."""
+    return flat_like(local_tensor(t), local_tensor(param))
+
+
+def _flat_grad(optimizer: Optimizer, group: Group, param: Tensor, grad: Tensor) -> Tensor:
+    g = _flat(grad, param)
+    # a maximizing optimizer steps along +g; the flag is a group key in torch, an attribute in some packages
+    return g.neg() if group.get("maximize", getattr(optimizer, "maximize", False)) else g
 
 
 def gradient_direction(optimizer: Optimizer, group: Group, param: Tensor, grad: Tensor) -> Direction:
     """Optimizers that divide the gradient by a positive denominator (Adagrad, Adafactor, RMSprop without momentum):
     the update has the gradient's sign."""
-    g = _flat_grad(group, grad)
+    g = _flat_grad(optimizer, group, param, grad)
     return lambda start, stop: g[start:stop].clone()
 
 
 def adam_direction(optimizer: Optimizer, group: Group, param: Tensor, grad: Tensor) -> Direction:
     """Adam, AdamW, RAdam, Adamax: the update has the sign of this step's first moment ``lerp(m, g, 1 - beta1)``,
     computed as torch's Adam computes it (``m = 0`` before the first step)."""
-    g = _flat_grad(group, grad)
+    g = _flat_grad(optimizer, group, param, grad)
     m = optimizer.state.get(param, {}).get("exp_avg")
     if m is None:
         return lambda start, stop: g[start:stop].clone()
-    m = local_tensor(m).view(-1)
+    m = _flat(m, param)
     weight = 1 - group["betas"][0]
     return lambda start, stop: torch.lerp(m[start:stop], g[start:stop], weight)
 
@@ -44,12 +50,12 @@ def adam_direction(optimizer: Optimizer, group: Group, param: Tensor, grad: Tens
 def sgd_direction(optimizer: Optimizer, group: Group, param: Tensor, grad: Tensor) -> Direction:
     """SGD: the gradient, or with momentum the new buffer ``mu * buf + (1 - dampening) * g`` (Nesterov: ``g + mu *
     buf``), as torch's SGD computes them (the buffer is ``g`` at the first step)."""
-    g = _flat_grad(group, grad)
+    g = _flat_grad(optimizer, group, param, grad)
     mu, dampening, nesterov = group["momentum"], group["dampening"], group["nesterov"]
     if mu == 0:
         return lambda start, stop: g[start:stop].clone()
     buf = optimizer.state.get(param, {}).get("momentum_buffer")
-    buf = local_tensor(buf).view(-1) if buf is not None else None
+    buf = _flat(buf, param) if buf is not None else None
 
     def direction(start: int, stop: int) -> Tensor:
         gc = g[start:stop]
@@ -59,14 +65,12 @@ def sgd_direction(optimizer: Optimizer, group: Group, param: Tensor, grad: Tenso
     return direction
 
 
-
-
 def lion_direction(optimizer: Optimizer, group: Group, param: Tensor, grad: Tensor) -> Direction:
     """Lion: the sign of the interpolation ``beta1 * m + (1 - beta1) * g`` (``m = 0`` before the first step)."""
-    g = _flat_grad(group, grad)
+    g = _flat_grad(optimizer, group, param, grad)
     m = optimizer.state.get(param, {}).get("exp_avg")
     if m is None:
         return lambda start, stop: g[start:stop].clone()
-    m = local_tensor(m).view(-1)
+    m = _flat(m, param)
     beta1 = group["betas"][0]
     return lambda start, stop: m[start:stop].mul(beta1).add_(g[start:stop], alpha=1 - beta1)

@@ -18,7 +18,15 @@ from lightning_wd.effective_lr import (
     sparse_adam_rate,
 )
 from lightning_wd.optimizers.directions import Direction, adam_direction, gradient_direction, sgd_direction
-from lightning_wd.optimizers.registry import Group, OptimizerRule, Scalar, always, register_optimizer
+from lightning_wd.optimizers.registry import (
+    Equilibrium,
+    Group,
+    OptimizerRule,
+    Scalar,
+    always,
+    non_default,
+    register_optimizer,
+)
 
 # torch's Adam, AdamW, NAdam and RAdam keep the switch in each param group: `decoupled_weight_decay`
 _FLAG = "decoupled_weight_decay"
@@ -44,6 +52,27 @@ def _adagrad_step_size(optimizer: Optimizer, group: Group) -> Scalar:
         return lr
     step: float | Tensor = optimizer.state[group["params"][0]]["step"]
     return lr / (1 + step * lr_decay)
+
+
+def _asgd_step_size(optimizer: Optimizer, group: Group) -> Scalar:
+    """ASGD's decayed step size ``eta = lr / (1 + lambd * lr * t)**alpha``, kept in its state (``lr`` before its
+    first step); a tensor, read on the device."""
+    return optimizer.state.get(group["params"][0], {}).get("eta", group["lr"])
+
+
+def _adadelta(optimizer: Optimizer, group: Group, rule: str) -> str | None:
+    if rule in ("decoupled", "corrected"):
+        return (
+            "Adadelta's lr multiplies an adaptive step (default 1.0); it is not a step size, so a decoupled decay"
+            " lr * wd would shrink the weights by wd itself per step. Use mode='coupled' (L2 into the gradient) or"
+            " mode='independent'."
+        )
+    return None
+
+
+def _adam_form(optimizer: Optimizer, group: Group) -> Equilibrium | None:
+    # AMSGrad's running maximum of v makes the update smaller than the gradient's RMS: not the paper's form
+    return None if group.get("amsgrad", False) else Equilibrium("adam")
 
 
 def _rmsprop_direction(optimizer: Optimizer, group: Group, param: Tensor, grad: Tensor) -> Direction | None:
@@ -72,12 +101,12 @@ L2 = "L2: `g += wd*p` before the update"
 DECOUPLED = "`p *= 1 - lr*wd` before the update"
 
 register_optimizer("torch.optim.SGD", OptimizerRule(
-    own="coupled", update_direction=sgd_direction, description=L2,
-    effective_lr=PLAIN_LR))
+    own="coupled", update_direction=sgd_direction, description=L2, effective_lr=PLAIN_LR,
+    equilibrium=lambda o, g: Equilibrium("sgdm", g["momentum"], g["dampening"])))
 register_optimizer("torch.optim.Adamax", OptimizerRule(
     own="coupled", update_direction=adam_direction, description=L2, effective_lr=Formula(adamax_rate)))
 register_optimizer("torch.optim.ASGD", OptimizerRule(
-    own="coupled", update_direction=gradient_direction,
+    own="coupled", update_direction=gradient_direction, step_size=_asgd_step_size,
     description=f"{L2}; its own `p *= 1 - lambd*eta` (lambd=1e-4) is not weight_decay and stays",
     effective_lr=Formula(None, "one step size per parameter (state['eta']), the same for all its elements")))
 register_optimizer(
@@ -87,7 +116,7 @@ register_optimizer(
 )
 register_optimizer(
     "torch.optim.Adadelta",
-    OptimizerRule(own="coupled", update_direction=gradient_direction,
+    OptimizerRule(own="coupled", update_direction=gradient_direction, refuse=_adadelta,
                   description=f"{L2}; its lr is a multiplier (default 1.0) of an adaptive step",
                   effective_lr=Formula(None, "its rate divides by the average of squared updates before the step,"
                                              " which the step overwrites")),
@@ -108,6 +137,8 @@ for _name in ("Adam", "AdamW", "NAdam", "RAdam"):
         OptimizerRule(
             own=_adamw_rule if _name == "AdamW" else _flagged_rule,
             switches=_FLAGGED,
+            chosen_switch=None if _name == "AdamW" else non_default(decoupled_weight_decay=False),
+            equilibrium=_adam_form if _name in ("Adam", "AdamW") else None,
             # NAdam's update mixes g and m with step-dependent weights: its sign is not m's
             update_direction=None if _name == "NAdam" else adam_direction,
             effective_lr=Formula(radam_rate if _name == "RAdam" else adam_rate),
