@@ -183,11 +183,15 @@ def _loader(inputs: dict):
 
 def _trainer(strategy, callbacks: list, **limits):
     import lightning.pytorch as pl
+    from lightning.pytorch.plugins.environments import LightningEnvironment
 
     return pl.Trainer(
         accelerator="cpu",
         devices=2,
         strategy=strategy,
+        # Lightning's own launcher, named: otherwise a machine with mpi4py installed (a GPU box) makes Lightning probe
+        # MPI, whose OpenMPI start-up fails without an rsh/ssh agent
+        plugins=[LightningEnvironment()],
         callbacks=callbacks,
         logger=False,
         enable_checkpointing=any(type(c).__name__ == "ModelCheckpoint" for c in callbacks),
@@ -216,7 +220,7 @@ def _fit(run: dict, inputs: dict, workdir: str, make_strategy, collect, fsdp: bo
     and module resumed from the checkpoint of epoch ``resume["from_epoch"]`` up to the same number of epochs."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    import lightning_wd.attach as attach
+    import lightning_wd.generic_pass as attach  # the module whose pass calls the decay functions
 
     Module = _module_class()
     module = Module(inputs["init"], run["optimizer"], inputs["lr"], inputs["wd"], fsdp=fsdp)

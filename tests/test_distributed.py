@@ -412,11 +412,19 @@ def test_fsdp2_weight_norms_are_of_whole_parameters(fsdp2):
         expected = {}
         for name, w in ref["before"].items():
             w, g, after = w.double(), ref["grad"][name].double(), ref["after"][name].double()
-            expected[f"weight_norm/{name}"] = after.norm().item()
+            expected[f"weight_norm/{name}"] = w.norm().item()  # at the step, the weights its gradient was taken at
             expected[f"grad_to_weight/{name}"] = (g.norm() / w.norm()).item()
             if w.dim() >= 2:  # Adam's own weight_decay is L2: (lr sqrt(n) |g~| / (2 wd))^(1/3), |g~| = |G| |W|
                 scale_free = (g.norm() * w.norm()).item()
                 expected[f"equilibrium_norm/{name}"] = (LR * w.numel() ** 0.5 * scale_free / (2 * WD)) ** (1 / 3)
+        # the param group's keys: all its parameters together
+        ws = sum(w.double().norm().item() ** 2 for w in ref["before"].values())
+        gs = sum(g.double().norm().item() ** 2 for g in ref["grad"].values())
+        covered = [n for n in ref["before"] if f"equilibrium_norm/{n}" in expected]
+        expected["weight_norm/Adam/pg1"] = ws**0.5
+        expected["grad_to_weight/Adam/pg1"] = (gs / ws) ** 0.5
+        expected["equilibrium_ratio/Adam/pg1"] = (sum(ref["before"][n].double().norm().item() ** 2 for n in covered)
+                                                  / sum(expected[f"equilibrium_norm/{n}"] ** 2 for n in covered)) ** 0.5
         assert set(metrics) == set(expected)
         for key, value in expected.items():
             assert metrics[key] == pytest.approx(value, rel=2e-5), (step, key)  # fp32 sums of squares

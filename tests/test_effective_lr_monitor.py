@@ -118,16 +118,27 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("statistics_pass", ["fused", "eager"])
+def statistics_pass_of(name: str, monkeypatch: pytest.MonkeyPatch) -> contextlib.AbstractContextManager:
+    """``"eager"``: the torch pass; ``"triton"``: the fused Triton pass, in Triton's interpreter on a CPU."""
+    if name == "eager":
+        return el.fused_kernel_disabled()
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton pass runs on a CPU only in Triton's interpreter (TRITON_INTERPRET=1)")
+    monkeypatch.setattr(el, "_TRITON_DEVICES", ("cuda", "cpu"))
+    return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("statistics_pass", ["triton", "eager"])
 @pytest.mark.parametrize("scheduler", [False, True], ids=["const_lr", "steplr"])
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_logged_statistics_match_reference_at_every_logged_step(tmp_path, config, scheduler, statistics_pass):
-    """With the fused C kernel (the CPU default where it was built) and with the eager torch pass."""
-    if statistics_pass == "fused" and not el.fused_kernel_available():
-        pytest.skip("the optional C extension lightning_wd._rate_kernel was not built")
+def test_logged_statistics_match_reference_at_every_logged_step(tmp_path, config, scheduler, statistics_pass,
+                                                                  monkeypatch):
+    """With the eager torch pass and with the fused Triton pass (in its interpreter here)."""
     ref = RateRecorder(adam_reference_rate)
-    trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor(per_parameter=True), ref], max_steps=12, log_every_n_steps=3)
-    with el.fused_kernel_disabled() if statistics_pass == "eager" else contextlib.nullcontext():
+    trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor(per_parameter=True), ref], max_steps=12,
+                           log_every_n_steps=3)
+    with statistics_pass_of(statistics_pass, monkeypatch):
         trainer.fit(Net(CONFIGS[config], scheduler), loader())
     logged = read_metrics(str(tmp_path))
     steps = sorted(s for s in logged if any(k.startswith("effective_lr/") for k in logged[s]))
@@ -200,7 +211,7 @@ def test_no_host_read_but_the_step_counters_on_a_logging_step():
     monitor = EffectiveLRMonitor(per_parameter=True)
     formula = formula_for(opt)[1]
     with Reads():
-        monitor._collect("Adam", opt, formula)
+        monitor._collect(opt, formula)
     steps = {opt.state[p]["step"].data_ptr() for p in model.parameters()}
     assert reads and all(t.data_ptr() in steps for t in reads)
     assert len(monitor._pending) == 1 and monitor._pending[0][1].numel() == 5 * 4
@@ -359,14 +370,10 @@ def test_bad_arguments_are_refused(kwargs, match):
         EffectiveLRMonitor(**kwargs)
 
 
-def test_a_cpu_run_without_the_fused_kernel_says_so_once(tmp_path, caplog):
-    """pip shows an optional extension's failed build only with -v: the monitor says what the fallback costs."""
-    make = CONFIGS["adam"]
-    for built in (True, False):
-        caplog.clear()
-        without = el.fused_kernel_disabled() if not built else contextlib.nullcontext()
-        with without, caplog.at_level(logging.INFO, logger="lightning.pytorch"):
-            make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor(per_parameter=True)], max_steps=2, log_every_n_steps=1).fit(
-                Net(make), loader())
-        said = [r for r in caplog.records if "fused CPU kernel" in r.getMessage()]
-        assert len(said) == (0 if built and el.fused_kernel_available() else 1)
+def test_a_cpu_run_says_nothing_of_the_gpu_kernel(tmp_path, caplog):
+    """On a CPU the eager pass is the statistics pass, not a fallback: nothing to say (test_gpu.py checks the
+    message a GPU run without the Triton pass gives)."""
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor()], max_steps=2, log_every_n_steps=1).fit(
+            Net(CONFIGS["adam"]), loader())
+    assert not [r for r in caplog.records if "Triton" in r.getMessage()]

@@ -1,8 +1,9 @@
 """The digits example's CLI configs train exactly as their references.
 
 ``examples/digits/{decoupled,coupled}.yaml`` build ``torch.optim.Adam(weight_decay=wd)`` (``wd``: the config's
-``model.weight_decay``) and let ``lightning_wd.WeightDecay`` take the decay over. Each config runs in a subprocess
-(a few short epochs via CLI overrides) next to a reference run of the same config without any callback:
+``model.weight_decay``) and let ``lightning_wd.WeightDecay`` (the configs' top-level ``weight_decay`` section, of
+``lightning_wd.cli.WeightDecayCLI``) take the decay over. Each config runs in a subprocess (a few short epochs via CLI
+overrides) next to a reference run of the same config without any callback:
 
 - ``mode: decoupled`` must give the final weights of ``torch.optim.AdamW(weight_decay=wd)``;
 - ``mode: coupled`` must give the final weights of ``torch.optim.Adam(weight_decay=wd)`` (its own L2).
@@ -42,14 +43,17 @@ def run_cli(config: str, tmp: Path, extra: list[str]) -> tuple[dict[str, torch.T
 
 def cached_run(tmp_path_factory: pytest.TempPathFactory, config: str, kind: str) -> tuple[dict, Path]:
     """One run per (config, kind), shared by the tests of this module. ``kind``: "callback", "reference" (no
-    callback at all, and the optimizer that the mode must reproduce) or "override-coupled" (the config with the mode
-    overridden on the command line, as the README shows)."""
+    callback at all: neither ``trainer.callbacks`` nor the ``weight_decay`` section; and the optimizer that the mode
+    must reproduce) or "override-coupled" (the config with the mode overridden on the command line, as the README
+    shows, with a ModelCheckpoint appended to the callbacks, which has a ``mode`` of its own)."""
     if (config, kind) not in _runs:
         extra = []
         if kind == "reference":
-            extra = ["--trainer.callbacks=[]", f"--model.optimizer={REFERENCE_OPTIMIZER[config]}"]
+            extra = ["--trainer.callbacks=[]", "--weight_decay=null",
+                     f"--model.optimizer={REFERENCE_OPTIMIZER[config]}"]
         elif kind == "override-coupled":
-            extra = ["--trainer.callbacks.mode=coupled"]
+            extra = ["--weight_decay.mode=coupled", "--trainer.callbacks+=ModelCheckpoint",
+                     "--trainer.callbacks.mode=max"]
         _runs[config, kind] = run_cli(config, tmp_path_factory.mktemp(f"{config}_{kind}"), extra)
     return _runs[config, kind]
 
@@ -59,6 +63,12 @@ def test_configs_differ_by_one_line() -> None:
     coupled = (TRAIN.parent / "coupled.yaml").read_text().splitlines()
     diff = [(a.strip(), b.strip()) for a, b in zip(decoupled, coupled) if a != b]
     assert len(decoupled) == len(coupled) and diff == [("mode: decoupled", "mode: coupled")]
+    # the line is in the top-level `weight_decay` section, not in `trainer.callbacks`
+    import yaml
+
+    config = yaml.safe_load((TRAIN.parent / "coupled.yaml").read_text())
+    assert config["weight_decay"] == {"mode": "coupled"}
+    assert not any("WeightDecay" in cb["class_path"] for cb in config["trainer"]["callbacks"])
 
 
 @pytest.mark.parametrize("config", ["decoupled", "coupled"])
@@ -72,18 +82,28 @@ def test_config_trains_as_reference(config: str, tmp_path_factory: pytest.TempPa
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tags = EventAccumulator(str(log_dir)).Reload().Tags()["scalars"]
-    assert {"effective_lr/Adam/pg0/median", "effective_lr/net.0.weight/max", "test/err"} <= set(tags)
-    # and the decay applied, beside LearningRateMonitor's columns
-    assert {"weight_decay/Adam/pg0", "lr-Adam", "lr-Adam-weight_decay"} <= set(tags)
+    assert {"effective_lr/Adam/pg1/median", "effective_lr/net.0.weight/max", "test/err"} <= set(tags)
+    # and the decay's timescale beside LearningRateMonitor's columns; the decay itself once, by LearningRateMonitor
+    assert {"timescale/Adam/pg1", "lr-Adam", "lr-Adam-weight_decay"} <= set(tags)
+    assert "weight_decay/Adam/pg1" not in tags
 
 
 def test_the_mode_can_be_overridden_on_the_command_line(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """``--trainer.callbacks.mode=coupled`` on decoupled.yaml reaches WeightDecay (the last callback) and trains as
-    Adam's own L2, like coupled.yaml."""
-    weights, _ = cached_run(tmp_path_factory, "decoupled", "override-coupled")
+    """``--weight_decay.mode=coupled`` on decoupled.yaml reaches WeightDecay and trains as Adam's own L2, like
+    coupled.yaml, with a ModelCheckpoint appended to the config's callbacks whose own ``mode`` is set on the same
+    command line (``--trainer.callbacks.mode=max``: the last callback of the list)."""
+    import yaml
+
+    weights, log_dir = cached_run(tmp_path_factory, "decoupled", "override-coupled")
     reference, _ = cached_run(tmp_path_factory, "coupled", "reference")
     for name in weights:
         assert torch.equal(weights[name], reference[name]), f"override: {name} differs from Adam's own L2"
+    # the run's config, as LightningCLI saved it: each `mode` went where it was meant to
+    saved = yaml.safe_load((log_dir / "config.yaml").read_text())
+    assert saved["weight_decay"]["init_args"]["mode"] == "coupled"
+    callbacks = {cb["class_path"].rsplit(".", 1)[-1]: cb["init_args"] for cb in saved["trainer"]["callbacks"]}
+    assert list(callbacks) == ["LearningRateMonitor", "EffectiveLRMonitor", "ModelCheckpoint"]
+    assert callbacks["ModelCheckpoint"]["mode"] == "max"
 
 
 def test_modes_are_told_apart(tmp_path_factory: pytest.TempPathFactory) -> None:

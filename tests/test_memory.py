@@ -92,7 +92,7 @@ def collect_allocations(monitor, opt) -> AllocatedBytes:
 
     formula = formula_for(opt)[1]
     with AllocatedBytes() as counter, torch.no_grad():
-        monitor._collect("Adam", opt, formula)  # what the monitor's step hook does on a logging step
+        monitor._collect(opt, formula)  # what the monitor's step hook does on a logging step
     return counter
 
 

@@ -428,11 +428,23 @@ def test_logs_decay_beside_lr_monitor(tmp_path):
         log_every_n_steps=1,
     )
     rows = read_metrics(t)
-    ours = column(rows, "weight_decay/Adam/pg1")
-    assert len(ours) == 6 and all(v == WD for v in ours)
-    # LearningRateMonitor reads the optimizer's own weight_decay, which the groups hold between steps
+    # LearningRateMonitor reads the optimizer's own weight_decay, which the groups hold between steps; without a
+    # schedule that is the decay applied, so WeightDecay does not log it a second time, only its timescale
     monitors = column(rows, "lr-Adam-weight_decay")
     assert monitors and all(v == WD for v in monitors)
+    assert not column(rows, "weight_decay/Adam/pg1")
+    ours = column(rows, "timescale/Adam/pg1")
+    assert len(ours) == 6 and all(v == pytest.approx(1 / (LR * WD)) for v in ours)
+
+
+def test_logs_the_scheduled_decay_beside_lr_monitor(tmp_path):
+    # under a schedule the decay applied is not the group's weight_decay that LearningRateMonitor shows: logged
+    _, t = run(opt_factory(Adam), [LearningRateMonitor(log_weight_decay=True),
+                                   WeightDecay(schedule="linear", weight_decay_end=2 * WD)],
+               max_steps=4, logger=CSVLogger(tmp_path), log_every_n_steps=1)
+    rows = read_metrics(t)
+    assert column(rows, "weight_decay/Adam/pg1") == pytest.approx([WD * (1 + t / 4) for t in range(4)])
+    assert set(column(rows, "lr-Adam-weight_decay")) == {WD}
 
 
 def test_log_weight_decay_false_wins_over_monitor(tmp_path):
@@ -459,7 +471,10 @@ def test_logging_with_backbone_finetuning(tmp_path):
         log_every_n_steps=1,
     )
     rows = read_metrics(t)
-    assert column(rows, "weight_decay/Adam/pg2") == [WD] * 4  # the backbone group, logged during epoch 1
+    # the backbone group, logged during epoch 1: its timescale 1 / (lr * wd), at the lr BackboneFinetuning gave it
+    backbone = column(rows, "timescale/Adam/pg2")
+    assert len(backbone) == 4 and all(v > 0 for v in backbone)
+    assert backbone == pytest.approx([1 / (t.optimizers[0].param_groups[1]["lr"] * WD)] * 4)
 
 
 def test_logging_after_resume_from_checkpoint_saved_after_fit(tmp_path):
@@ -469,7 +484,7 @@ def test_logging_after_resume_from_checkpoint_saved_after_fit(tmp_path):
     t = trainer([WeightDecay(), LearningRateMonitor(log_weight_decay=True)], max_steps=8,
                 logger=CSVLogger(tmp_path / "logs"), log_every_n_steps=1)
     t.fit(tiny_module(opt_factory(Adam)), loader, ckpt_path=tmp_path / "after_fit.ckpt")
-    assert column(read_metrics(t), "weight_decay/Adam/pg1") == [WD] * 3
+    assert column(read_metrics(t), "timescale/Adam/pg1") == pytest.approx([1 / (LR * WD)] * 3)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_wd.optimizers import Equilibrium, OptimizerRule, register_optimizer, rule_for
 from lightning_wd.weight_norm import (
     adam_l2_norm,
-    equilibrium_kind,
     normalized_update_norm,
     sgdm_norm,
     squared_norms,
@@ -79,28 +79,34 @@ def test_whole_matrix_forms_are_sqrt_rows_times_the_papers_per_neuron_forms():
         sgdm_norm(lr, scale_free, momentum, weight_decay=wd, shrink=lr * wd)
 
 
-def test_equilibrium_kind_covers_the_papers_optimizers_only():
+def test_the_registry_names_the_update_form_of_the_papers_optimizers_only():
     params = [nn.Parameter(torch.zeros(2, 2))]
 
-    class Lion(torch.optim.Optimizer):  # a third-party Lion: recognized by its name
+    class Lion(torch.optim.Optimizer):  # a third-party Lion: declared in the registry, as any optimizer is
         def __init__(self, params):
             super().__init__(params, {"lr": 1e-4})
 
     class MyAdamW(torch.optim.AdamW):
         pass
 
+    register_optimizer(Lion, OptimizerRule(own="decoupled", equilibrium=lambda o, g: Equilibrium("lion")))
+    lion_pytorch = pytest.importorskip("lion_pytorch")
     cases = {
         torch.optim.Adam(params): "adam",
         torch.optim.AdamW(params): "adam",
         MyAdamW(params): "adam",
         torch.optim.SGD(params, lr=0.1, momentum=0.9): "sgdm",
         Lion(params): "lion",
+        lion_pytorch.Lion(params): "lion",
         torch.optim.Adam(params, amsgrad=True): None,
         torch.optim.RMSprop(params): None,
         torch.optim.NAdam(params): None,
     }
     for opt, kind in cases.items():
-        assert equilibrium_kind(opt, opt.param_groups[0]) == kind, type(opt).__name__
+        form = rule_for(opt)[0].form(opt, opt.param_groups[0])
+        assert (form.kind if form is not None else None) == kind, type(opt).__name__
+    sgd = torch.optim.SGD(params, lr=0.1, momentum=0.9, dampening=0.1)
+    assert rule_for(sgd)[0].form(sgd, sgd.param_groups[0]) == Equilibrium("sgdm", 0.9, 0.1)
 
 
 # --- the prediction itself ---------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import Logger
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_wd import EffectiveLRMonitor, WeightDecay, WeightNormMonitor
+from lightning_wd.optimizers import Equilibrium, OptimizerRule, register_optimizer
 from lightning_wd.weight_norm import squared_norms
 from lightning_wd.weight_norm_monitor import sum_over_shards_
 
@@ -99,6 +100,11 @@ class Lion(torch.optim.Optimizer):
                 p.add_(torch.sign(torch.lerp(m, p.grad, 1 - b1)), alpha=-group["lr"])
                 m.lerp_(p.grad, 1 - b2)
         return loss
+
+
+# a Lion of one's own: the registry is where the library learns its decay rule and its update form
+register_optimizer(Lion, OptimizerRule(own="decoupled", equilibrium=lambda o, g: Equilibrium("lion"),
+                                       description="`p *= 1 - lr*wd` before a sign update"))
 
 
 class NestedAdam(torch.optim.Adam):

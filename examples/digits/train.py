@@ -8,6 +8,12 @@ Usage (from the repository root)::
 
 Both configs build ``torch.optim.Adam(weight_decay=...)``; the ``lightning_wd.WeightDecay`` callback takes that decay
 over, so ``mode: decoupled`` trains exactly as AdamW and ``mode: coupled`` exactly as Adam's own L2 decay.
+
+The callback is the config's top-level ``weight_decay`` section (``lightning_wd.cli.WeightDecayCLI``), so the mode can
+be toggled on the command line whatever ``trainer.callbacks`` holds::
+
+    python examples/digits/train.py fit --config examples/digits/decoupled.yaml --weight_decay.mode=coupled
+    python examples/digits/train.py fit --config examples/digits/decoupled.yaml --weight_decay=null  # no WeightDecay
 """
 
 from __future__ import annotations
@@ -15,14 +21,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
+from lightning_wd.cli import WeightDecayCLI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # so `digits` imports however the script is started
 from digits import DigitsClassifier, DigitsDataModule, limit_threads  # noqa: E402
 
 
-class DigitsCLI(LightningCLI):
-    """``LightningCLI`` that also tests the final weights after ``fit``."""
+class DigitsCLI(WeightDecayCLI):
+    """``LightningCLI`` with the ``weight_decay`` section of ``WeightDecayCLI``, that also tests the final weights after
+    ``fit``."""
 
     def after_fit(self) -> None:
         # report test error of the final weights (not a "best" checkpoint: the run has no early stopping)

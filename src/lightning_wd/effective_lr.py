@@ -162,7 +162,7 @@ def _flat(t: Tensor) -> Tensor:
     """
     t = t.detach()
     if t.is_complex():  # a complex state holds two numbers per element, each with its own rate, as the optimizer
-        t = torch.view_as_real(t)  # sees them (torch's optimizers step complex parameters through view_as_real)
+        t = torch.view_as_real(t.resolve_conj())  # sees them (torch's optimizers step them through view_as_real)
     if t.is_contiguous():
         return t.view(-1)
     t = t.permute(sorted(range(t.dim()), key=lambda d: t.stride(d), reverse=True))
@@ -398,6 +398,8 @@ ORTHOGONALIZED = Formula(None, "it orthogonalizes the whole update matrix: no el
 # --- the statistics ---------------------------------------------------------------------------------------------
 
 _triton_enabled = True
+#: where the fused pass runs: CUDA GPUs; the tests add "cpu" under Triton's interpreter (``TRITON_INTERPRET=1``)
+_TRITON_DEVICES: tuple[str, ...] = ("cuda",)
 
 
 def fused_kernel_enabled() -> bool:
@@ -647,10 +649,12 @@ def rate_statistics(
     if any(t is not None for t in tokens) and reduce is None:
         raise ValueError("sharded specs need a `reduce`")
     bucket_of = list(buckets) if buckets is not None else [None] * len(specs)
-    if _triton_enabled and specs[0].device.type == "cuda":
+    if _triton_enabled and specs[0].device.type in _TRITON_DEVICES:
         from lightning_wd import rate_triton
 
-        if rate_triton.HAS_TRITON and all(rate_triton.triton_accepts(s) for s in specs):
+        one_device = all(s.device == specs[0].device for s in specs)  # the kernels work on one device per call
+        interpret = specs[0].device.type == "cpu"
+        if rate_triton.HAS_TRITON and one_device and all(rate_triton.triton_accepts(s, interpret) for s in specs):
             return rate_triton.triton_rate_statistics(specs, per_parameter, per_group, tokens, reduce, bucket_of,
                                                       n_buckets)
     return _eager_rate_statistics(specs, per_parameter, per_group, tokens, reduce, bucket_of, n_buckets)

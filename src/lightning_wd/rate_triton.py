@@ -1,0 +1,582 @@
+"""The statistics of :func:`lightning_wd.effective_lr.rate_statistics` on a GPU, by Triton kernels: the same rows, the
+same numbers, without the histogram that makes the eager pass slow there.
+
+The eager pass counts every element into a 13,312-bin float64 histogram with ``index_add_``; Adam's rates crowd into
+few bins, and the atomic adds into them cost many optimizer steps on an H200. The lower median needs only two of that
+histogram's columns, though: the power of two ("octave") that holds it, and the 128 bins within that octave. So each
+state is read twice:
+
+1. ``_coarse_kernel``: the rate of every element, its min and max, its sum, and a histogram of its octave (128 bins,
+   104 of them used), per program of a persistent grid, into a small block of partials that torch ops reduce; from
+   the counts per octave, the octave of the lower median of each row, of each bucket and of the group, on the device.
+2. ``_fine_kernel``: the same rates again, and the histogram of the 128 bins of the elements in those octaves.
+
+The median is then read off exactly as :func:`lightning_wd.effective_lr.summarize_partials` reads it off the full
+histogram; the rates are the same fp32 numbers as torch's on a GPU (a correctly rounded root, then ``+ eps``, then
+a correctly rounded division), so all four statistics are those of the eager pass on the same device. Counting
+per program keeps the histograms free of global atomics: ``tl.histogram`` counts a tile by warp ballots and a few
+shared-memory adds, whatever the clustering. That counting, not the memory, bounds the kernels. Measured on an H200
+(torch 2.11, Triton 3.6): 16 Adam states of 16.8M fp32 elements take 3.1 ms (kernels 1.2 + 1.5 ms, 0.9 and 0.7 TB/s
+of state read; 3.7 ms with module buckets, whose phase 2 counts three targets), against 41 ms for the eager pass and
+2.1 ms for a fused AdamW step over the same parameters. A launch costs ~18 us of host time, so a small parameter
+costs ~50 us in all (2,000 parameters of 4,096 elements: 100 ms, against 480 ms for the eager pass).
+
+:func:`triton_accepts` says which :class:`~lightning_wd.effective_lr.RateSpec` the kernels may read (a plain dense
+state behind a root or copy ``fill``, on a CUDA device); :func:`triton_rate_statistics` is ``rate_statistics`` for a
+group of them. Without Triton the module imports all the same (``HAS_TRITON`` is ``False``) and accepts nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_wd.effective_lr import (
+    _FIRST_BIN_BITS,
+    _LAST_BIN_BITS,
+    _SHIFT,
+    BLOCK_ROWS,
+    HIST_BINS,
+    MANTISSA_BITS,
+    STATS,
+    Partials,
+    RateSpec,
+    _StateFill,
+)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+
+#: whether Triton is installed; without it :func:`triton_accepts` is always ``False``
+HAS_TRITON: bool = triton is not None
+
+__all__ = ["HAS_TRITON", "TILE", "triton_accepts", "triton_rate_statistics"]
+
+#: elements per tile of a program's loop: 16 per thread of its 4 warps (four 16-byte loads of fp32 in flight)
+TILE: int = 2048
+_NUM_WARPS = 4
+#: programs per SM of the persistent grid: a tensor of more tiles loops over them, so the partials stay small (at most
+#: 528 rows of 1 KB in phase 1, of 3 KB in phase 2, per parameter on an H200). Measured on an H200 (16 x 16.8M
+#: elements, kernel time of both phases): 2.76 ms; 3.07 ms with tiles of 4096 and 8 warps, 2 per SM; 2.47 ms with
+#: tiles of 1024, 16 per SM, at 4x the partials
+_PROGRAMS_PER_SM = 4
+#: the grid cap under Triton's interpreter: small, so that the tests see programs loop over several tiles
+_INTERPRET_PROGRAMS = 4
+#: the most whole (unsharded) parameters whose partials are held at a time
+_MAX_BLOCK_ROWS = 256
+
+_BINS = 1 << MANTISSA_BITS  # bins per octave, and the octave histogram's width (a power of two, as tl.histogram needs)
+_OCTAVES = HIST_BINS >> MANTISSA_BITS  # the octaves in use: 104
+assert _OCTAVES <= _BINS
+# a coarse partial: [min, max, sum, count, counts per octave]; min and max in fp64 (exact for fp32), so that one
+# buffer of 16-byte aligned rows holds them all
+_COARSE = 4 + _BINS
+
+_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_SCALAR_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+if HAS_TRITON:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    # globals that a kernel reads must be constexpr
+    _MANTISSA_BITS_C = tl.constexpr(MANTISSA_BITS)
+    _SHIFT_C = tl.constexpr(_SHIFT)
+    _FIRST_C = tl.constexpr(_FIRST_BIN_BITS)
+    _LAST_C = tl.constexpr(_LAST_BIN_BITS)
+    _BINS_C = tl.constexpr(_BINS)
+    _COARSE_C = tl.constexpr(_COARSE)
+
+    @triton.jit
+    def _scalar(x, IS_PTR: tl.constexpr):
+        """A RateSpec's scale or eps in fp32: read from its 0-dim tensor, or the host number (fp32 on a GPU;
+        a Python float under the interpreter, rounded here once, as torch rounds a scalar to the tensor's dtype)."""
+        if IS_PTR:
+            v = tl.load(x).to(tl.float32)
+        else:
+            v = tl.cast(x, tl.float32)
+        return v
+
+    @triton.jit
+    def _rate(u_ptr, offs, mask, scale, eps, ROOT: tl.constexpr, ADD_EPS: tl.constexpr):
+        """The fp32 rates of a tile, rounded as torch rounds them on a GPU: the root and the division correctly
+        rounded (``sqrt`` and ``/`` without ``_rn`` are approximate in Triton), a low-precision state widened first."""
+        x = tl.load(u_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+        if ROOT:
+            x = tl.math.sqrt_rn(x)
+        if ADD_EPS:  # not for a host eps of 0, as in `_rate_`: -0.0 stays -0.0 (its rate -inf, not +inf)
+            x = x + eps
+        return tl.math.div_rn(scale, x)
+
+    @triton.jit
+    def _bin(rate):
+        """The histogram bin of each rate, as `_accumulate_eager` reads it off the fp32 bits: an arithmetic shift,
+        clamped, so that a negative rate or a NaN with its sign bit set goes to the first bin, another NaN to the
+        last."""
+        b = rate.to(tl.int32, bitcast=True) >> _SHIFT_C
+        return tl.minimum(tl.maximum(b, _FIRST_C), _LAST_C) - _FIRST_C
+
+    @triton.jit(do_not_specialize=["part_offset"])
+    def _coarse_kernel(u_ptr, numel, scale, eps, part_ptr, part_offset, ROOT: tl.constexpr, SCALE_PTR: tl.constexpr,
+                       EPS_PTR: tl.constexpr, ADD_EPS: tl.constexpr, TILE: tl.constexpr):
+        """Phase 1: each program's partial ``[min, max, sum, count, counts per octave]`` over its tiles, into row
+        ``program_id`` of the rows at ``part_ptr + part_offset`` (fp64, ``_COARSE`` per row)."""
+        pid = tl.program_id(0)
+        s = _scalar(scale, SCALE_PTR)
+        e = _scalar(eps, EPS_PTR)
+        lanes = tl.arange(0, TILE)
+        # elementwise accumulators, reduced once at the end: a reduction per tile would cost a barrier per tile
+        mn = tl.full([TILE], float("inf"), tl.float32)
+        mx = tl.full([TILE], float("-inf"), tl.float32)
+        total = tl.zeros([TILE], tl.float64)  # fp64 lanes: the mean exact to ~1e-15, whatever the loop's length
+        counts = tl.zeros([_BINS_C], tl.int64)  # int64: a program's count may pass 2**31 on a huge tensor
+        tile = pid
+        # a `while`: a `for` over a runtime range fails in Triton 3.6's interpreter on NumPy 2.4 (triton#9171)
+        while tile < tl.cdiv(numel, TILE):
+            offs = tile.to(tl.int64) * TILE + lanes
+            mask = offs < numel
+            r = _rate(u_ptr, offs, mask, s, e, ROOT, ADD_EPS)
+            mn = tl.minimum(mn, tl.where(mask, r, float("inf")), propagate_nan=tl.PropagateNan.ALL)
+            mx = tl.maximum(mx, tl.where(mask, r, float("-inf")), propagate_nan=tl.PropagateNan.ALL)
+            total += tl.where(mask, r, 0.0).to(tl.float64)
+            counts += tl.histogram(_bin(r) >> _MANTISSA_BITS_C, _BINS_C, mask=mask).to(tl.int64)
+            tile += tl.num_programs(0)
+        row = part_ptr + part_offset + pid * _COARSE_C
+        # NaN-propagating, as torch.aminmax: a lane that met a NaN holds it (propagate_nan above); tl.min and tl.max
+        # may drop it (minnum on a GPU), and a reduction with a NaN-propagating combine runs element by element in
+        # the interpreter
+        nan = tl.max((mn != mn).to(tl.int32), 0) > 0
+        tl.store(row, tl.where(nan, float("nan"), tl.min(mn, 0)).to(tl.float64))
+        tl.store(row + 1, tl.where(nan, float("nan"), tl.max(mx, 0)).to(tl.float64))
+        tl.store(row + 2, tl.sum(total, 0))
+        tl.store(row + 3, tl.sum(counts, 0).to(tl.float64))
+        tl.store(row + 4 + tl.arange(0, _BINS_C), counts.to(tl.float64))
+
+    @triton.jit(do_not_specialize=["row", "bucket", "part_offset"])
+    def _fine_kernel(u_ptr, numel, scale, eps, octave_ptr, row, bucket_octave_ptr, bucket, group_octave_ptr, part_ptr,
+                     part_offset, ROOT: tl.constexpr, SCALE_PTR: tl.constexpr, EPS_PTR: tl.constexpr,
+                     ADD_EPS: tl.constexpr, ROW_SLOT: tl.constexpr, BUCKET_SLOT: tl.constexpr,
+                     GROUP_SLOT: tl.constexpr, WIDTH: tl.constexpr, NBINS: tl.constexpr, TILE: tl.constexpr):
+        """Phase 2: each program's counts of the 128 bins of the median's octave of each target, into row
+        ``program_id`` of the rows at ``part_ptr + part_offset`` (fp64, ``WIDTH`` per row, 128 per slot): the row's
+        (``octave_ptr[row]``), its bucket's (``bucket_octave_ptr[bucket]``) and the group's (``*group_octave_ptr``),
+        each where its slot is not -1.
+
+        One histogram of ``NBINS`` (slots x 128, to a power of two) for all of them: an element counts once, in the
+        slot of the first of group, bucket and row whose octave it is in. Where two targets share their octave (the
+        common case: a parameter's median near the group's), the later target's counts are all in the earlier's
+        slot, and the caller reads them from there."""
+        pid = tl.program_id(0)
+        s = _scalar(scale, SCALE_PTR)
+        e = _scalar(eps, EPS_PTR)
+        lanes = tl.arange(0, TILE)
+        if ROW_SLOT >= 0:
+            row_octave = tl.load(octave_ptr + row).to(tl.int32)
+        if BUCKET_SLOT >= 0:
+            bucket_octave = tl.load(bucket_octave_ptr + bucket).to(tl.int32)
+        if GROUP_SLOT >= 0:
+            group_octave = tl.load(group_octave_ptr).to(tl.int32)
+        counts = tl.zeros([NBINS], tl.int64)
+        tile = pid
+        # a `while`: a `for` over a runtime range fails in Triton 3.6's interpreter on NumPy 2.4 (triton#9171)
+        while tile < tl.cdiv(numel, TILE):
+            offs = tile.to(tl.int64) * TILE + lanes
+            mask = offs < numel
+            b = _bin(_rate(u_ptr, offs, mask, s, e, ROOT, ADD_EPS))
+            octave = b >> _MANTISSA_BITS_C
+            slot = tl.zeros_like(octave)
+            take = octave < 0  # none yet: an octave is never negative
+            if ROW_SLOT >= 0:
+                take |= octave == row_octave
+                slot += ROW_SLOT
+            if BUCKET_SLOT >= 0:
+                in_bucket = octave == bucket_octave
+                take |= in_bucket
+                slot = tl.where(in_bucket, BUCKET_SLOT, slot)
+            if GROUP_SLOT >= 0:
+                in_group = octave == group_octave
+                take |= in_group
+                slot = tl.where(in_group, GROUP_SLOT, slot)
+            key = (b & (_BINS_C - 1)) + slot * _BINS_C
+            counts += tl.histogram(key, NBINS, mask=take & mask).to(tl.int64)
+            tile += tl.num_programs(0)
+        bins = tl.arange(0, NBINS)
+        tl.store(part_ptr + part_offset + pid * WIDTH + bins, counts.to(tl.float64), mask=bins < WIDTH)
+
+    _INTERPRETED = isinstance(_coarse_kernel, InterpretedFunction)
+else:  # pragma: no cover - depends on the install
+    _INTERPRETED = False
+
+
+def _plain_tensor(t: Any) -> bool:
+    """Whether the kernels may read ``t``'s memory as its values: a dense, plain tensor (not a DTensor, fake or
+    functional tensor, whose memory is not, or not only, theirs), without lazy bits that its memory does not show
+    (a negation or a conjugation still to apply, or the zeros of a zero tensor, which has no memory at all)."""
+    return (
+        type(t) is Tensor
+        and t.layout == torch.strided
+        and not t.is_nested
+        and not t._is_zerotensor()
+        and not t.is_neg()
+        and not t.is_conj()
+        and not t.is_complex()
+        and not torch._is_functional_tensor(t)
+    )
+
+
+def _scalar_ok(x: Any, device: torch.device) -> bool:
+    """A scale or eps the kernels take: a real Python number, or a 0-dim float tensor on the state's device (read
+    by the kernel, never on the host)."""
+    if isinstance(x, Tensor):
+        return _plain_tensor(x) and x.dim() == 0 and x.dtype in _SCALAR_DTYPES and x.device == device
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        float(x)
+    except OverflowError:  # an int beyond a double
+        return False
+    return True
+
+
+def triton_accepts(spec: RateSpec, interpret: bool = False) -> bool:
+    """Whether :func:`triton_rate_statistics` can take ``spec``; where it cannot, the eager pass
+    (:func:`lightning_wd.effective_lr.rate_statistics`) gives the same statistics.
+
+    The kernels read the state's memory through a raw pointer, so only what that memory holds as it is qualifies:
+    a plain root or copy ``fill`` (no other arithmetic), over a contiguous fp32, bf16 or fp16 tensor of exactly
+    ``spec.numel`` elements on a CUDA device, that is a plain ``torch.Tensor`` (not a DTensor, a fake or functional
+    tensor), with no negation or conjugation pending and not a zero tensor; and ``scale`` and ``eps`` that are
+    Python numbers or 0-dim float tensors on the same device.
+
+    Args:
+        spec: the parameter's rate.
+        interpret: also accept a CPU state, for Triton's interpreter (``TRITON_INTERPRET=1``, the tests).
+    """
+    if not HAS_TRITON:
+        return False
+    fill = spec.fill
+    if type(fill) is not _StateFill or not isinstance(fill.root, bool):  # a subclass may compute something else
+        return False
+    flat = fill.flat
+    if not _plain_tensor(flat) or flat.dtype not in _STATE_DTYPES:
+        return False
+    if flat.dim() != 1 or not flat.is_contiguous() or flat.numel() != spec.numel:
+        return False
+    device = flat.device
+    if not (device.type == "cuda" or (interpret and device.type == "cpu")) or spec.device != device:
+        return False
+    return _scalar_ok(spec.scale, device) and _scalar_ok(spec.eps, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _max_programs(device: torch.device) -> int:
+    """The cap of a kernel's grid on ``device``: a few programs per SM, each looping over its share of the tiles."""
+    if device.type == "cuda":
+        return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return _INTERPRET_PROGRAMS
+
+
+def _launch_args(spec: RateSpec, max_programs: int) -> tuple[int, tuple[Any, ...], dict[str, Any]]:
+    """The grid, the state and scalar arguments, and the constexprs of ``spec``'s kernels (the same for both)."""
+    fill = spec.fill
+    scale, eps = spec.scale, spec.eps
+    scale_ptr, eps_ptr = isinstance(scale, Tensor), isinstance(eps, Tensor)
+    add_eps = eps_ptr or eps != 0  # as `_rate_`: a host eps of 0 is not added
+    args = (fill.flat, spec.numel, scale if scale_ptr else float(scale), eps if eps_ptr else float(eps))
+    grid = min(-(-spec.numel // TILE), max_programs)
+    return grid, args, {"ROOT": fill.root, "SCALE_PTR": scale_ptr, "EPS_PTR": eps_ptr, "ADD_EPS": add_eps}
+
+
+def _median_octave(count: Tensor, coarse: Tensor) -> tuple[Tensor, Tensor]:
+    """The octave of the lower median (rank ``floor((count - 1) / 2)``) of each row of counts per octave, and the
+    median's rank within it, both ``[rows]``; found as :func:`~lightning_wd.effective_lr.summarize_partials` finds
+    it: the first octave whose cumulative count exceeds the rank."""
+    rank = torch.floor((count - 1) / 2).unsqueeze(-1)
+    cumulative = coarse.cumsum(-1)
+    octave = torch.searchsorted(cumulative, rank.contiguous(), right=True).clamp_(max=_OCTAVES - 1)
+    before = cumulative.gather(-1, octave) - coarse.gather(-1, octave)  # the elements in the octaves below it
+    return octave.squeeze(-1), (rank - before).squeeze(-1)
+
+
+def _summarize(ext: Tensor, sum_count: Tensor, octave: Tensor, rank: Tensor, fine: Tensor) -> Tensor:
+    """``[rows, 4]`` fp32 ``[min, max, mean, median]``, computed as
+    :func:`~lightning_wd.effective_lr.summarize_partials` computes them (so the same numbers to the last bit), from
+    ``ext`` ``[rows, 2]``, ``sum_count`` ``[rows, 2]``, the median's ``octave`` and ``rank`` in it, and ``fine``,
+    the counts of that octave's bins ``[rows, 128]``. A row of no elements is NaN."""
+    mn, mx, count = ext[:, 0].double(), ext[:, 1].double(), sum_count[:, 1]
+    mean = sum_count[:, 0] / count
+    b = torch.searchsorted(fine.cumsum(-1), rank.unsqueeze(-1).contiguous(), right=True).clamp_(max=_BINS - 1)
+    b = b.squeeze(-1) + (octave << MANTISSA_BITS)
+    low, high = (((b + i + _FIRST_BIN_BITS) << _SHIFT).to(torch.int32).view(torch.float32).double() for i in (0, 1))
+    median = torch.sqrt(low * high).clamp(mn, mx)  # the end bins' centres can lie outside the data
+    stats = torch.stack([mn, mx, mean, median], -1)
+    return stats.masked_fill((count == 0).unsqueeze(-1), float("nan")).float()
+
+
+class _Block:
+    """Rows of one token (:func:`_blocks`), and what phase 1 leaves for phase 2 about them."""
+
+    def __init__(self, token: Hashable | None, index: list[int], programs: int) -> None:
+        self.token = token
+        self.index = index
+        self.programs = programs  # the largest grid of its specs: the partials' rows per spec
+        self.ext: Tensor | None = None  # [rows, 2] fp32 min, max
+        self.sum_count: Tensor | None = None  # [rows, 2] fp64 sum, count
+        self.octave: Tensor | None = None  # [rows] int64, the median's octave
+        self.rank: Tensor | None = None  # [rows] fp64, the median's rank within it
+        self.buckets: Tensor | None = None  # [rows] int64, each row's bucket (n_buckets for none)
+
+
+def _blocks(tokens: list[Hashable | None], grids: list[int], max_programs: int) -> list[_Block]:
+    """The rows grouped by token (in the order of each token's first appearance), in blocks.
+
+    Sharded rows in blocks of ``BLOCK_ROWS``: only the sequence of tokens decides them, so every process makes the
+    same ``reduce`` calls with blocks of the same sizes (a shard's grid may differ from rank to rank). Whole rows,
+    which no process reduces, in blocks of as many rows as fit into the partials of ``BLOCK_ROWS`` full grids (up
+    to ``_MAX_BLOCK_ROWS``): the torch ops per block are then shared by many small parameters.
+    """
+    by_token: dict[Hashable | None, list[int]] = {}
+    for i, t in enumerate(tokens):
+        by_token.setdefault(t, []).append(i)
+    blocks = []
+    for t, index in by_token.items():
+        if t is not None:
+            for k in range(0, len(index), BLOCK_ROWS):
+                chunk = index[k : k + BLOCK_ROWS]
+                blocks.append(_Block(t, chunk, max(1, max(grids[i] for i in chunk))))
+            continue
+        chunk, programs = [], 1
+        for i in index:
+            wider = max(programs, grids[i])
+            if chunk and (len(chunk) == _MAX_BLOCK_ROWS or (len(chunk) + 1) * wider > BLOCK_ROWS * max_programs):
+                blocks.append(_Block(t, chunk, programs))
+                chunk, wider = [], max(1, grids[i])
+            chunk.append(i)
+            programs = wider
+        blocks.append(_Block(t, chunk, programs))
+    return blocks
+
+
+def _no_extremes(rows: int, device: torch.device) -> Tensor:
+    """``[rows, 2]`` fp32 rows of ``(+inf, -inf)``: the min and max of no elements."""
+    ext = torch.empty(rows, 2, dtype=torch.float32, device=device)
+    ext[:, 0].fill_(float("inf"))  # fill_, not a tensor from a list: a copy from pageable memory waits for the device
+    ext[:, 1].fill_(float("-inf"))
+    return ext
+
+
+def _index_tensor(values: list[int], device: torch.device) -> Tensor:
+    """``values`` as an int64 tensor on ``device``, copied without waiting for the device (from pinned memory)."""
+    t = torch.tensor(values, dtype=torch.int64, pin_memory=device.type == "cuda")
+    return t.to(device, non_blocking=True)
+
+
+def _extremes_by_index(ext: Tensor, index: Tensor, rows: int) -> Tensor:
+    """``[rows, 2]`` fp32: the min and max of the rows of ``ext`` with each index, NaN where one of them is NaN (as
+    torch.aminmax; ``scatter_reduce_`` does not promise to propagate a NaN, so NaNs are counted apart)."""
+    nan = ext.isnan()
+    lo = _no_extremes(rows, ext.device)
+    lo[:, 0].scatter_reduce_(0, index, ext[:, 0].masked_fill(nan[:, 0], float("inf")), "amin")
+    lo[:, 1].scatter_reduce_(0, index, ext[:, 1].masked_fill(nan[:, 1], float("-inf")), "amax")
+    any_nan = torch.zeros(rows, dtype=torch.float32, device=ext.device).index_add_(0, index, nan.any(1).float())
+    return lo.masked_fill((any_nan > 0).unsqueeze(1), float("nan"))
+
+
+def _device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """A kernel runs on the current CUDA device: make it the specs' (a host-side switch, no sync)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def triton_rate_statistics(
+    specs: Sequence[RateSpec],
+    per_parameter: bool = True,
+    per_group: bool = True,
+    shards: Sequence[Hashable | None] | None = None,
+    reduce: Callable[[Partials, Any], None] | None = None,
+    buckets: Sequence[int | None] | None = None,
+    n_buckets: int = 0,
+) -> Tensor:
+    """:func:`lightning_wd.effective_lr.rate_statistics` by the Triton kernels: ``[min, max, mean, median]`` fp32 of
+    each spec's rate (the first ``len(specs)`` rows, with ``per_parameter``), of the specs of each bucket together
+    (the next ``n_buckets`` rows), and of all of them (the last row, with ``per_group``): the same numbers, with no
+    host read.
+
+    Each state is read twice, one kernel launch per spec each time (see the module's docstring): phase 1 gives every
+    row's min, max, sum, count and counts per octave, phase 2 the counts within the median's octave of the row, of
+    its bucket and of the group. The rows are held in blocks (:data:`~lightning_wd.effective_lr.BLOCK_ROWS` sharded
+    ones, or as many whole ones as fit into as many programs' partials), whose partials (one row per program of a
+    capped grid: on an H200 at most 9 MB per block in phase 1, 17 MB in phase 2, 26 MB with buckets) are reduced by
+    torch ops; between the phases each row keeps a few numbers, so the memory grows with the number of parameters
+    only as the output does.
+
+    Sharded parameters (``shards[i]`` a token, not ``None``) get blocks of their own, as in ``rate_statistics``, and
+    two ``reduce(partials, token)`` calls per block, every process the same calls in the same order: after phase 1
+    with ``Partials(ext, sums)``, ``ext`` ``[rows, 2]`` fp32 ``[min, max]`` and ``sums`` ``[rows, 2 + 128]`` fp64
+    ``[sum, count, counts per octave]``; after phase 2 with ``ext`` ``[rows, 2]`` of ``(+inf, -inf)`` (which the
+    reduction leaves as they are) and ``sums`` ``[rows, 128 * k]`` fp64, the counts in the median's octave of each
+    of the ``k`` targets (group, bucket, row) the call reports. So octaves and medians are the whole parameters'.
+
+    Args:
+        specs: the param group's rates, each accepted by :func:`triton_accepts` (on the CPU, too, when the kernels
+            run in Triton's interpreter), all on one device.
+        per_parameter: return a row per spec.
+        per_group: return the group's row.
+        shards: per spec, ``None`` for a whole tensor, else a token naming its sharding (default: all whole).
+        reduce: ``reduce(partials, token)`` turns the rows of a block of sharded specs into those of the whole
+            parameters (an ``all_reduce``: ``ext`` by min and max, ``sums`` by sum); needed with sharded specs.
+        buckets: per spec, the index of its bucket (``0 <= b < n_buckets``), or ``None`` (default: none).
+        n_buckets: the number of bucket rows (a bucket of no specs gives a NaN row).
+
+    Raises:
+        ValueError: for no specs, a spec that :func:`triton_accepts` refuses, specs on more than one device (the
+            eager pass handles such a group), ``shards`` or ``buckets`` of another length than ``specs``, a bucket
+            out of range, or sharded specs without ``reduce``.
+    """
+    if not specs:
+        raise ValueError("triton_rate_statistics needs at least one RateSpec")
+    for i, spec in enumerate(specs):
+        if not triton_accepts(spec, interpret=_INTERPRETED):
+            raise ValueError(f"spec {i} is not one the Triton kernels read (triton_accepts); use rate_statistics")
+    device = specs[0].fill.flat.device
+    if any(spec.fill.flat.device != device for spec in specs):
+        raise ValueError("the specs of triton_rate_statistics must be on one device; use rate_statistics")
+    tokens = list(shards) if shards is not None else [None] * len(specs)
+    bucket_of = list(buckets) if buckets is not None else [None] * len(specs)
+    if len(tokens) != len(specs) or len(bucket_of) != len(specs):
+        raise ValueError(f"{len(tokens)} shards and {len(bucket_of)} buckets for {len(specs)} specs")
+    if any(b is not None and not 0 <= b < n_buckets for b in bucket_of):
+        raise ValueError(f"buckets must be None or in [0, {n_buckets})")
+    if any(t is not None for t in tokens) and reduce is None:
+        raise ValueError("sharded specs need a `reduce`")
+
+    with _device_guard(device):
+        return _statistics(specs, per_parameter, per_group, tokens, reduce, bucket_of, n_buckets, device)
+
+
+def _statistics(
+    specs: Sequence[RateSpec],
+    per_parameter: bool,
+    per_group: bool,
+    tokens: list[Hashable | None],
+    reduce: Callable[[Partials, Any], None] | None,
+    bucket_of: list[int | None],
+    n_buckets: int,
+    device: torch.device,
+) -> Tensor:
+    """:func:`triton_rate_statistics` once its arguments are checked, on the current device."""
+    first_bucket = len(specs) if per_parameter else 0
+    out = torch.empty(first_bucket + n_buckets + (1 if per_group else 0), len(STATS), dtype=torch.float32,
+                      device=device)
+    if not len(out):  # nothing asked for (on every process alike: no reduce calls either)
+        return out
+    cap = _max_programs(device)
+    launches = [_launch_args(spec, cap) for spec in specs]
+    blocks = _blocks(tokens, [grid for grid, _, _ in launches], cap)
+    f64 = {"dtype": torch.float64, "device": device}
+    if n_buckets:  # each row's bucket, in the blocks' order; n_buckets (a row of its own) for none
+        order = [i for block in blocks for i in block.index]
+        bucket_index = _index_tensor([n_buckets if bucket_of[i] is None else bucket_of[i] for i in order], device)
+        for block, ids in zip(blocks, bucket_index.split([len(b.index) for b in blocks])):
+            block.buckets = ids
+
+    # --- phase 1: min, max, sum, count and counts per octave of every row; the median's octaves --------------------
+    # the partial of no elements, copied into every program's row of a block: programs that a smaller spec's grid
+    # leaves out (and specs of no elements) keep it
+    identity = torch.zeros(_COARSE, **f64)
+    identity[0].fill_(float("inf"))
+    identity[1].fill_(float("-inf"))
+    group_sums = torch.zeros(1, _COARSE - 2, **f64)  # sum, count, counts per octave
+    bucket_sums = torch.zeros(n_buckets + 1, _COARSE - 2, **f64)  # and a last row for the rows of no bucket
+    for block in blocks:
+        part = identity.expand(len(block.index), block.programs, _COARSE).contiguous()
+        stride = block.programs * _COARSE  # a row's partials: an offset, not a view (a view per spec costs a torch op)
+        for r, i in enumerate(block.index):
+            grid, args, flags = launches[i]
+            if grid:
+                _coarse_kernel[(grid,)](*args, part, r * stride, **flags, TILE=TILE, num_warps=_NUM_WARPS)
+        ext = torch.stack([part[:, :, 0].amin(1), part[:, :, 1].amax(1)], 1).float()  # exact: fp32 values
+        sums = part[:, :, 2:].sum(1)
+        if block.token is not None:
+            reduce(Partials(ext, sums), block.token)
+        block.ext, block.sum_count = ext, sums[:, :2].clone()  # not a view: the counts per octave can go
+        block.octave, block.rank = _median_octave(sums[:, 1], sums[:, 2:])
+        group_sums.add_(sums.sum(0))
+        if n_buckets:
+            bucket_sums.index_add_(0, block.buckets, sums)
+    all_ext = torch.cat([block.ext for block in blocks])
+    group_ext = torch.stack([all_ext[:, 0].amin(), all_ext[:, 1].amax()]).unsqueeze(0)  # NaN-propagating
+    group_octave, group_rank = _median_octave(group_sums[:, 1], group_sums[:, 2:])
+    group_fine = torch.zeros(1, _BINS, **f64)
+    if n_buckets:
+        bucket_ext = _extremes_by_index(all_ext, bucket_index, n_buckets + 1)
+        bucket_octave, bucket_rank = _median_octave(bucket_sums[:, 1], bucket_sums[:, 2:])
+        bucket_octave[n_buckets:].fill_(-1)  # no bucket: matches no octave
+        bucket_fine = torch.zeros(n_buckets + 1, _BINS, **f64)
+    else:
+        bucket_octave = None
+
+    # --- phase 2: the counts in the median's octave of each row, bucket and the group ------------------------------
+    # the slots of the fine histogram, in the order in which an element's octave is matched (see _fine_kernel)
+    names = [name for name, on in (("group", per_group), ("bucket", n_buckets > 0), ("row", per_parameter)) if on]
+    slot = {name: k for k, name in enumerate(names)}
+    width = _BINS * len(names)
+    constexprs = {"ROW_SLOT": slot.get("row", -1), "GROUP_SLOT": slot.get("group", -1), "WIDTH": width,
+                  "NBINS": _BINS * (1 << (len(names) - 1).bit_length()), "TILE": TILE, "num_warps": _NUM_WARPS}
+    for block in blocks:
+        rows = len(block.index)
+        part = torch.zeros(rows, block.programs, width, **f64)
+        stride = block.programs * width
+        for r, i in enumerate(block.index):
+            grid, args, flags = launches[i]
+            b = bucket_of[i]
+            if grid:
+                _fine_kernel[(grid,)](*args, block.octave, r, bucket_octave, 0 if b is None else b, group_octave,
+                                      part, r * stride, **flags, **constexprs,
+                                      BUCKET_SLOT=-1 if b is None else slot["bucket"])
+        fine = part.sum(1)
+        if block.token is not None:
+            # the extremes are known already: rows of (+inf, -inf), which min and max leave as they are
+            reduce(Partials(_no_extremes(rows, device), fine), block.token)
+
+        def counts(name: str) -> Tensor:
+            return fine[:, slot[name] * _BINS : (slot[name] + 1) * _BINS]
+
+        def shared(octave: Tensor, other: Tensor) -> Tensor:
+            return (octave == other).unsqueeze(-1)
+
+        if n_buckets:  # this block's rows' counts in their bucket's octave, where the group's slot took them
+            row_bucket_octave = bucket_octave[block.buckets]
+            in_bucket = counts("bucket")
+            if per_group:
+                in_bucket = torch.where(shared(row_bucket_octave, group_octave), counts("group"), in_bucket)
+            bucket_fine.index_add_(0, block.buckets, in_bucket)
+        if per_parameter:  # the row's counts, where they are not in the slot of the bucket or the group
+            own = counts("row")
+            if n_buckets:
+                own = torch.where(shared(block.octave, row_bucket_octave), counts("bucket"), own)
+            if per_group:
+                own = torch.where(shared(block.octave, group_octave), counts("group"), own)
+            stats = _summarize(block.ext, block.sum_count, block.octave, block.rank, own)
+            first = block.index[0]
+            if block.index == list(range(first, first + rows)):
+                out[first : first + rows] = stats
+            else:  # sharded and whole parameters in one group: row by row (an index tensor would be a host copy)
+                for j, i in enumerate(block.index):
+                    out[i] = stats[j]
+        if per_group:
+            group_fine.add_(counts("group").sum(0))
+    if n_buckets:
+        out[first_bucket : first_bucket + n_buckets] = _summarize(
+            bucket_ext[:n_buckets], bucket_sums[:n_buckets, :2], bucket_octave[:n_buckets], bucket_rank[:n_buckets],
+            bucket_fine[:n_buckets])
+    if per_group:
+        out[-1] = _summarize(group_ext, group_sums[:, :2], group_octave, group_rank, group_fine)[0]
+    return out
