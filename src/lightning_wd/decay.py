@@ -38,6 +38,7 @@ __all__ = [
     "flat_like",
     "group_by_device_and_dtype",
     "local_tensor",
+    "shrink_bucket_",
 ]
 
 
@@ -111,15 +112,23 @@ def decay_weights_(
         return
     factor: Scalar = 1 - lr * weight_decay
     for (device, dtype), (tensors,) in group_by_device_and_dtype([local_tensor(p) for p in params]).items():
-        f = _on_device(factor, device)
-        if skip is not None:
-            f = torch.where(_on_device(skip, device) > 0, torch.ones((), device=device), f)
-        if stochastic_rounding and dtype in LOW_PRECISION:
-            g = generator(device) if generator is not None else None
-            for t in tensors:  # per tensor: the rounding needs an fp32 temporary of the tensor's size
-                t.copy_(stochastic_round(t.float() * f, dtype, g))
-        else:
-            torch._foreach_mul_(tensors, f)
+        shrink_bucket_(tensors, device, dtype, factor, skip, stochastic_rounding, generator)
+
+
+def shrink_bucket_(tensors: list[Tensor], device: torch.device, dtype: torch.dtype, factor: Scalar,
+                   skip: Tensor | None = None, stochastic_rounding: bool = False,
+                   generator: Callable[[torch.device], torch.Generator] | None = None) -> None:
+    """``t *= factor`` for tensors that share ``device`` and ``dtype`` (what :func:`decay_weights_` does per group
+    of them; callers that keep such groups call it directly, without regrouping at every step)."""
+    f = _on_device(factor, device)
+    if skip is not None:
+        f = torch.where(_on_device(skip, device) > 0, torch.ones((), device=device), f)
+    if stochastic_rounding and dtype in LOW_PRECISION:
+        g = generator(device) if generator is not None else None
+        for t in tensors:  # per tensor: the rounding needs an fp32 temporary of the tensor's size
+            t.copy_(stochastic_round(t.float() * f, dtype, g))
+    else:
+        torch._foreach_mul_(tensors, f)
 
 
 def add_l2_to_grads_(

@@ -21,7 +21,13 @@ from torch.optim import Optimizer
 
 from lightning_wd._types import Scalar
 from lightning_wd.config import DecayConfig
-from lightning_wd.decay import add_l2_to_grads_, cautious_decay_, decay_weights_, local_tensor
+from lightning_wd.decay import (
+    add_l2_to_grads_,
+    cautious_decay_,
+    decay_weights_,
+    group_by_device_and_dtype,
+    shrink_bucket_,
+)
 from lightning_wd.modes import per_step_decay
 from lightning_wd.optimizers import OptimizerRule
 
@@ -34,12 +40,14 @@ __all__ = ["GenericPass", "ROUNDING_KEY"]
 
 
 class _Decayed:
-    """The parameters of one group that the pass decays, remembered while the group holds the same ones."""
+    """The parameters of one group that the pass decays, remembered while the group holds the same ones, and, where
+    they are plain tensors (not DTensor shards), grouped by device and dtype once."""
 
     def __init__(self, params: list[Tensor], excluded: set[int]) -> None:
         self.source, self.size = params, len(params)
         self.params = [p for p in params if id(p) not in excluded]
-        self.plain = all(type(p) in (Tensor, torch.nn.Parameter) for p in self.params)  # no DTensor shards
+        plain = all(type(p) in (Tensor, torch.nn.Parameter) for p in self.params)
+        self.buckets = group_by_device_and_dtype(self.params) if plain else None
 
     def fits(self, params: list[Tensor]) -> bool:
         return params is self.source and len(params) == self.size
@@ -63,13 +71,15 @@ class GenericPass:
         self._decayed: dict[int, _Decayed] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def params(self, group: Mapping[str, Any]) -> list[Tensor]:
-        """The parameters of ``group`` decayed in this step: not excluded, and with a gradient."""
+    def params(self, group: Mapping[str, Any]) -> tuple[list[Tensor], dict | None]:
+        """The parameters of ``group`` decayed in this step (not excluded, and with a gradient), and the same grouped
+        by (device, dtype) where that grouping is known already (every one of them has a gradient)."""
         source = group["params"]
         decayed = self._decayed.get(id(source))
         if decayed is None or not decayed.fits(source):
             decayed = self._decayed[id(source)] = _Decayed(source, self.excluded)
-        return [p for p in decayed.params if p.grad is not None]
+        params = [p for p in decayed.params if p.grad is not None]
+        return params, decayed.buckets if len(params) == len(decayed.params) else None
 
     @torch.no_grad()
     def apply(self, groups: Sequence[tuple[int, dict[str, Any], Any, Any]]) -> None:
@@ -81,7 +91,7 @@ class GenericPass:
         found_inf = getattr(opt, "found_inf", None) if amp_in_step else None
         grad_scale = getattr(opt, "grad_scale", None) if amp_in_step else None
         for index, group, wd, x in groups:
-            params = self.params(group)
+            params, buckets = self.params(group)
             if not params:
                 continue
             if self.config.cautious:
@@ -89,6 +99,12 @@ class GenericPass:
             elif self.config.mode == "coupled":
                 l2 = -wd if group.get("maximize", False) else wd
                 add_l2_to_grads_(params, [p.grad for p in params], l2, grad_scale)
+            elif buckets is not None and not self.uncorrected and self.rule.param_step_factor is None:
+                # the common case at its least host work: the kept (device, dtype) groups, one multiply each
+                generator = self._generator(index, group) if self.config.stochastic_rounding else None
+                for (device, dtype), (tensors,) in buckets.items():
+                    shrink_bucket_(tensors, device, dtype, 1 - x, found_inf, self.config.stochastic_rounding,
+                                   generator)
             else:
                 generator = self._generator(index, group) if self.config.stochastic_rounding else None
                 for subset, shrink in self.shrinks(group, params, wd, x):
@@ -153,7 +169,3 @@ class GenericPass:
 
         return on
 
-
-def local_params(params: list[Tensor]) -> list[Tensor]:
-    """The process-local parts of ``params`` (the shards of FSDP2 ``DTensor`` parameters)."""
-    return [local_tensor(p) for p in params]

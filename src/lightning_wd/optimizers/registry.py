@@ -27,11 +27,10 @@ from typing import Any, Literal, NamedTuple, Union
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_wd._types import Group, Scalar
 from lightning_wd.effective_lr import Formula
 from lightning_wd.modes import MODES
 
-Scalar = Union[float, Tensor]
-Group = Mapping[str, Any]
 
 GroupTest = Callable[[Group], bool]
 Refusal = Callable[[Optimizer, Group, str], Union[str, None]]
