@@ -19,7 +19,8 @@ weights and biases get no decay in any mode (``exclude_bias_and_norm``). The wei
 units; the grids are chosen so that they cover comparable per-step decays (see ``GRIDS``). Writes:
 
 - ``decay_rules_heatmap.png``: mean test error (top) and test loss (bottom) per (lr, wd), one column per mode, the
-  no-decay runs as the bottom row of each; red circles mark the best wd of each lr by test loss;
+  no-decay runs as the bottom row of each; each panel outlines in red what its own metric picks: a thin box on the
+  best wd of each lr (where some wd beats no decay by > 10 %), a thick one on its best cell overall;
 - ``decay_rules_sweep.md``: per mode, the cell chosen on the validation set (by error, by loss) and on the test set,
   with the std over seeds; the best test loss at each lr; how the best wd moves with the lr;
 - ``decay_rules_sweep.csv``: one row per run (in ``examples/outputs``, or in ``--out``; not committed).
@@ -338,62 +339,114 @@ def summary(rows: list[dict], modes: list[str], log_lrs: list[float], grids: dic
     return head + "\n".join(best) + mid + "\n".join(per_lr) + "\n\n" + "\n".join(sep) + "\n" + note
 
 
+#: mode -> (its name, its rule per step), the title of its column
 TITLES = {
-    "coupled": "coupled (Adam + L2)\ngrad += wd·p",
-    "decoupled": "decoupled (PyTorch AdamW)\np -= lr_t·wd·p",
-    "independent": "independent (the paper's AdamW)\np -= (lr_t / lr_max)·λ·p",
-    "corrected": "corrected (AdamC; output layer: decoupled)\np -= (lr_t² / lr_max)·wd·p",
-    "cautious": "cautious (decoupled)\np -= lr_t·wd·p where sign(update) = sign(p)",
+    "coupled": ("coupled (Adam + L2)", "grad += wd·p"),
+    "decoupled": ("decoupled (PyTorch AdamW)", "p -= lr_t·wd·p"),
+    "independent": ("independent (the AdamW paper's)", "p -= (lr_t / lr_max)·λ·p"),
+    "corrected": ("corrected (AdamC; output layer decoupled)", "p -= (lr_t² / lr_max)·wd·p"),
+    "cautious": ("cautious (decoupled)", "p -= lr_t·wd·p where sign(update) = sign(p)"),
 }
+
+
+def best_cells(err: np.ndarray, loss: np.ndarray, by: str) -> np.ndarray:
+    """Boolean mask of the cells of the lowest mean ``by`` ("test_err" or "test_loss") over a whole grid, all ties
+    included (the error moves in steps of one image, so it ties often)."""
+    g = np.where(np.isfinite(err if by == "test_err" else loss), err if by == "test_err" else loss, np.nan)
+    return np.isclose(g, np.nanmin(g), rtol=1e-9, atol=0)  # means over seeds of equal counts may differ in the ulp
+
+
+def best_per_lr(err: np.ndarray, loss: np.ndarray, by: str) -> np.ndarray:
+    """The row (wd) of the lowest mean ``by`` in each lr column: by test loss as in the table's separability row; by
+    test error with ties broken by the lower test loss, as ``chosen_cell`` does on the val set."""
+    if by == "test_loss":
+        return argmin(loss, axis=0)
+    e, lo = (np.where(np.isnan(x), np.inf, x.round(9)) for x in (err, loss))
+    return np.array([np.lexsort((lo[:, j], e[:, j]))[0] for j in range(e.shape[1])])
+
+
+def cell_text(v: float, key: str) -> str:
+    """A heatmap label: errors in % to 0.1 (one test image is 0.28 %), losses to two significant digits without the
+    leading zero (.081, .15, 1.3)."""
+    if np.isnan(v):
+        return "–"
+    if np.isinf(v):
+        return "inf"
+    r = round(v, 1) if key == "test_err" else float(f"{v:.2g}")
+    if r >= 10:
+        return f"{r:.0f}"
+    if r >= 1 or key == "test_err":
+        return f"{r:.1f}"
+    return (f"{r:.2f}" if r >= 0.1 else f"{r:.3f}").removeprefix("0")
 
 
 def plot(rows: list[dict], modes: list[str], log_lrs: list[float], grids: dict[str, list[float]], path: Path,
          norm: str) -> None:
     """Heatmaps of mean test error (top) and test loss (bottom), one column per mode, the no-decay runs as the
-    bottom row ("none") of each, shared colour scales; circles on the best wd by test loss where decay matters."""
+    bottom row ("none") of each, shared colour scales. Each panel outlines what its own metric picks: the best wd
+    at each lr where some wd beats no decay by > 10 % (thin red box), and its best cell overall (thick box)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+    from matplotlib.patches import Rectangle
     from PIL import Image
 
     cols = [m for m in modes if m != "none"]
-    fig, axes = plt.subplots(2, len(cols), figsize=(3.5 * len(cols) + 1.2, 8.6), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(2, len(cols), figsize=(3.9 * len(cols) + 1.3, 11.2), squeeze=False,
+                             layout="constrained")
     cmap = matplotlib.colormaps["viridis_r"].with_extremes(bad="white")
-    base_loss = grid_of(rows, "none", log_lrs, [0.0], "test_loss")[0] if "none" in modes else None
-    for row, (key, scale, vmax, label) in enumerate([("test_err", 100, 6, "test error %"),
-                                                      ("test_loss", 1, 0.4, "test cross-entropy")]):
+    for row, (key, scale, vmax, label, what) in enumerate([
+            ("test_err", 100, 6, "mean test error % (log scale, clipped at 6)", "test error"),
+            ("test_loss", 1, 0.4, "mean test cross-entropy (log scale, clipped at 0.4)", "test loss")]):
         base = scale * grid_of(rows, "none", log_lrs, [0.0], key)[0] if "none" in modes else None
         grids_ = [scale * grid_of(rows, m, log_lrs, grids[m], key)[0] for m in cols]
         vmin = min(np.nanmin(g) for g in grids_ + ([base] if base is not None else []))
         for ax, mode, g in zip(axes[row], cols, grids_):
             ys = grids[mode]
-            loss = grid_of(rows, mode, log_lrs, ys, "test_loss")[0]  # both rows circle the best wd by test loss
-            ok = decay_matters(loss, base_loss)
+            err = grid_of(rows, mode, log_lrs, ys, "test_err")[0]
+            loss = grid_of(rows, mode, log_lrs, ys, "test_loss")[0]
             shown = g if base is None else np.vstack([base, g])
             off = 0 if base is None else 1
-            im = ax.imshow(np.minimum(shown, vmax), origin="lower", cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+            colours = LogNorm(vmin, vmax)  # a log scale spreads the colours over the good cells
+            im = ax.imshow(np.minimum(shown, vmax), origin="lower", cmap=cmap, norm=colours, aspect="auto")
             for (i, j), v in np.ndenumerate(shown):
-                text = "–" if np.isnan(v) else "inf" if np.isinf(v) else (
-                    f"{v:.0f}" if v >= 10 else f"{v:.1f}" if row == 0 else f"{v:.2f}")
-                ax.text(j, i, text, ha="center", va="center", fontsize=6.5,
-                        color="white" if not np.isnan(v) and v > (vmin + vmax) / 2 else "black")
+                dark = not np.isnan(v) and colours(min(v, vmax)) > 0.55
+                ax.text(j, i, cell_text(v, key), ha="center", va="center", fontsize=10,
+                        color="white" if dark else "black")
             if base is not None:
-                ax.axhline(0.5, color="black", lw=1)
-            j = np.flatnonzero(ok)
-            ax.plot(j, argmin(loss, axis=0)[j] + off, "o-", mfc="none", color="red", ms=10, mew=1.5, lw=0.8)
+                ax.axhline(0.5, color="black", lw=1.5)
+            # what this panel's metric picks: the best wd of each lr where decay matters, and the best cell
+            ok = decay_matters(g, base)
+            for j, i in enumerate(best_per_lr(err, loss, key)):
+                if ok[j]:
+                    ax.add_patch(Rectangle((j - 0.44, i + off - 0.42), 0.88, 0.84, fill=False, ec="red", lw=1.6))
+            for i, j in zip(*np.nonzero(best_cells(err, loss, key))):
+                ax.add_patch(Rectangle((j - 0.47, i + off - 0.45), 0.94, 0.9, fill=False, ec="red", lw=3.8))
             ax.set_xticks(range(len(log_lrs)), [f"{x:g}" for x in log_lrs])
             ax.set_yticks(range(len(ys) + off), (["none"] if off else []) + [f"{y:g}" for y in ys])
-            ax.set_ylabel(f"log10({UNITS[mode]})", fontsize=8)
-            if row == 0:
-                ax.set_title(TITLES[mode], fontsize=8.5)
-            else:
-                ax.set_xlabel("log10(peak learning rate)")
-        fig.colorbar(im, ax=axes[row].tolist(), label=f"{label} (clipped at {vmax:g})", shrink=0.9)
+            ax.tick_params(labelsize=9.5, length=0)
+            ax.set_ylabel(f"log10({UNITS[mode]})", fontsize=10)
+            ax.set_xlabel("log10(peak learning rate)", fontsize=10)
+            name, rule = TITLES[mode]
+            ax.set_title((f"{name}\n{rule}\n" if row == 0 else f"{name}\n")
+                         + f"best wd by {what} (thin: at each lr; thick: overall)", fontsize=9.5)
+        bar = fig.colorbar(im, ax=axes[row].tolist(), label=label, shrink=0.85, aspect=25)
+        ticks = [t for t in (0.05, 0.1, 0.2, 0.3, 0.4, 1, 1.5, 2, 3, 4, 5, 6) if vmin <= t <= vmax]
+        bar.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
+        bar.ax.minorticks_off()
     net = "LayerNorm" if norm == "layer" else "BatchNorm"
-    fig.suptitle(f"Digits MLP with {net}, Adam, cosine lr; mean over seeds; bottom row: no decay; "
-                 "red circles: best wd of each lr by test loss, where decay lowers it by > 10 %; "
-                 "–: per-step decay ≥ 1, not run", fontsize=9.5)
+    key_boxes = [Rectangle((0, 0), 1, 1, fill=False, ec="red", lw=1.6), Rectangle((0, 0), 1, 1, fill=False, ec="red",
+                                                                                  lw=3.8)]
+    fig.legend(key_boxes, ["thin box: the best wd at each lr, by the panel's own metric (only at lrs where some wd"
+                           " beats no decay by more than 10 %; error ties: the lower test loss)",
+                           "thick box: the panel's best cell overall (every tie): the table's 'chosen on test' cell"],
+               loc="outside lower center", ncol=2, fontsize=10, frameon=False, handlelength=1.4, handleheight=1.2)
+    seeds = len({r["seed"] for r in rows})
+    fig.suptitle(f"Digits MLP with {net}, Adam, cosine lr: mean over {seeds} seed{'s' * (seeds > 1)} of each"
+                 " (lr, wd) cell. Top: test error %, bottom: test loss; row 'none': no decay; –: per-step decay ≥ 1,"
+                 " not run", fontsize=12)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
