@@ -7,8 +7,8 @@ nothing). The cost at an interval ``N`` is then ``extra / (N * step)``. The mode
 stack of ``Linear`` layers, the monitor's worst case: its step does little but the optimizer's passes, which the
 monitor's statistics match in size.
 
-On a CPU where the optional C extension was built, each round also fits the monitor with its eager torch pass (the
-fallback without the extension), so that the two passes are compared in the same run.
+On a CUDA GPU with Triton, each round also fits the monitor with its eager torch pass (the pass of every other
+device), so that the two passes are compared in the same run.
 
     OMP_NUM_THREADS=1 python benchmarks/monitor_cost.py     # CPU (or --device cuda)
 """
@@ -77,8 +77,8 @@ def main() -> None:
     print(f"\n{'optimizer, statistics pass':32s} {'AdamW ms':>9s} {'non-log ms':>10s} {'vs AdamW':>8s} "
           f"{'log-step extra ms':>17s} {'every step':>10s} {'every 50':>8s}")
     passes = ["eager pass"]
-    if el.fused_kernel_available() and args.device == "cpu":
-        passes.insert(0, "fused C kernel")
+    if el.fused_kernel_available(args.device):
+        passes.insert(0, "fused Triton pass")
     with tempfile.TemporaryDirectory() as log_dir:
         for fused in (False, True):
             ref: list[float] = []

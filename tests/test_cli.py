@@ -358,7 +358,7 @@ def test_hydra_override(tmp_path: Path, mode: str) -> None:
     with initialize_config_dir(config_dir=str(tmp_path), version_base=None):
         cfg = compose(config_name="train", overrides=[f"weight_decay.mode={mode}"])
         removed = compose(config_name="train", overrides=["~weight_decay"])
-    trainer = Trainer(callbacks=hydra_callbacks(cfg), logger=False, enable_progress_bar=False,
+    trainer = Trainer(accelerator="cpu", callbacks=hydra_callbacks(cfg), logger=False, enable_progress_bar=False,
                       enable_model_summary=False, **cfg.trainer)
     assert_weight_decay(trainer, mode=mode, exclude_bias_and_norm=True)
     assert_callbacks_untouched(trainer, "checkpoint first")

@@ -86,7 +86,7 @@ def formula_rate(opt, group, p) -> torch.Tensor:
 
 def make_trainer(logger, callbacks: list, max_steps: int, log_every_n_steps: int) -> L.Trainer:
     """A quiet Trainer (no progress bar, checkpoints or model summary) with the given logger and callbacks."""
-    return L.Trainer(max_steps=max_steps, log_every_n_steps=log_every_n_steps, logger=logger, callbacks=callbacks,
+    return L.Trainer(accelerator="cpu", max_steps=max_steps, log_every_n_steps=log_every_n_steps, logger=logger, callbacks=callbacks,
                      enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
 
 

@@ -70,7 +70,7 @@ def test_report_is_logged_once_at_fit_start(caplog):
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), weight_decay=0.1)
 
-    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[WeightDecay(exclude_bias_and_norm=True)])
     with caplog.at_level(logging.INFO):
         trainer.fit(Model(), DataLoader(TensorDataset(torch.randn(12, 3)), batch_size=4))

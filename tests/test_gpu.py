@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_wd import EffectiveLRMonitor, WeightDecay, attach_weight_decay
+from lightning_wd import EffectiveLRMonitor, WeightDecay, WeightNormMonitor, attach_weight_decay
 from lightning_wd.decay import decay_weights_
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -76,6 +76,7 @@ def test_cuda_16_mixed_skipped_step_is_not_decayed(impl, native):
 class Tiny(L.LightningModule):
     def __init__(self, cls, **opt_kwargs) -> None:
         super().__init__()
+        torch.manual_seed(0)  # the same initial weights for every run compared, whatever ran before
         self.net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
         self.cls, self.opt_kwargs = cls, opt_kwargs
 
@@ -215,3 +216,83 @@ def test_cuda_low_bit_optimizers_decoupled_native_and_coupled_adapted(name):
 
     assert torch.equal(coupled, loop(lambda p: make(p, 0.0), before_step=l2))
     assert not torch.equal(coupled, ours)
+
+
+class Recording(L.pytorch.loggers.Logger):
+    """Keeps every ``log_metrics`` call: ``calls`` is a list of (step, metrics)."""
+
+    name, version = "recording", 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, dict[str, float]]] = []
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.calls.append((step, dict(metrics)))
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+
+def logged_fit(callbacks, steps=6, sync_check=False):
+    logger = Recording()
+    module = Tiny(torch.optim.AdamW, foreach=True)
+    torch.manual_seed(0)
+    trainer = L.Trainer(accelerator="cuda", devices=1, max_steps=steps, logger=logger, log_every_n_steps=2,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=callbacks)
+    data = DataLoader(TensorDataset(torch.randn(8 * steps, 32)), batch_size=8)
+    trainer.fit(module, data)
+    return {k: v for _, m in logger.calls for k, v in m.items() if k.startswith("effective_lr/")}
+
+
+def test_cuda_monitor_triton_pass_equals_the_eager_pass():
+    """The Triton kernels give the eager torch pass's statistics on the same GPU: min, max and median bit for bit
+    (the same correctly rounded rates, the same bins), the mean up to the order of the sums."""
+    import lightning_wd.effective_lr as el
+
+    assert el.fused_kernel_available("cuda")
+    monitor = lambda: EffectiveLRMonitor(per_parameter=True, per_module=1)  # noqa: E731
+    fused = logged_fit([monitor()])
+    with el.fused_kernel_disabled():
+        eager = logged_fit([monitor()])
+    assert fused.keys() == eager.keys() and len(fused) == (4 + 1 + 1) * 4
+    for key, value in fused.items():
+        if key.endswith("/mean"):
+            assert value == pytest.approx(eager[key], rel=1e-6), key
+        else:
+            assert value == eager[key], key
+
+
+def test_cuda_logging_steps_do_not_sync_before_the_batch_end():
+    """Both monitors logging at every step: no host-device sync from after backward until the batch's end, where
+    the one transfer of each monitor happens (the sync check is lifted by a callback listed before them)."""
+
+    class SyncCheck(L.Callback):
+        def on_before_optimizer_step(self, trainer, *args):
+            if trainer.global_step >= 2:
+                torch.cuda.set_sync_debug_mode("error")
+
+        def on_train_batch_end(self, *args):
+            torch.cuda.set_sync_debug_mode(0)
+
+    try:
+        logged_fit([SyncCheck(), WeightDecay(), EffectiveLRMonitor(log_every_n_steps=1, per_parameter=True),
+                    WeightNormMonitor(log_every_n_steps=1, per_parameter=True)])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_cuda_without_the_triton_pass_the_monitor_says_so_once(caplog):
+    import logging
+
+    import lightning_wd.effective_lr as el
+
+    with el.fused_kernel_disabled(), caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        logged_fit([EffectiveLRMonitor()])
+    said = [r for r in caplog.records if "Triton" in r.getMessage()]
+    assert len(said) == 1 and "switched off" in said[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        logged_fit([EffectiveLRMonitor()])
+    assert not [r for r in caplog.records if "Triton" in r.getMessage()]

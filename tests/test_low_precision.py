@@ -77,7 +77,7 @@ class Tiny(L.LightningModule):
 
 
 def fit(module: L.LightningModule, precision: str, steps: int = 4, **kwargs) -> None:
-    trainer = L.Trainer(max_steps=steps, precision=precision, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, precision=precision, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[WeightDecay(**kwargs)])
     trainer.fit(module, DataLoader(TensorDataset(torch.randn(32, 4)), batch_size=4))

@@ -312,9 +312,14 @@ def test_fp16_mixed_fused_optimizer_skipped_step_is_not_decayed(device, mode, cl
     for snap in (ref_snap, got_snap):
         assert_same_weights(snap.after[INF_BATCH], snap.before[INF_BATCH])
         assert_weights_differ(snap.after[INF_BATCH - 1], snap.before[INF_BATCH - 1], 0.0)
-    # the generic coupled pass unscales the still-scaled gradient, adds wd * p and scales it back (exact for the
-    # scaler's power-of-two scales), so the fused kernel sees what its own L2 term makes: bit for bit
-    assert_same_weights(got, ref)
+    if device == "cuda" and not native and mode != "coupled":
+        # CUDA's fused kernel decays by `p -= lr*wd*p` inside its update; the separate pass multiplies by `1 - lr*wd`
+        # before it: the same decay, rounded in another order (the CPU's fused kernel rounds as the pass does)
+        assert_close_weights(got, ref, rtol=1e-6, atol=1e-7)
+    else:
+        # the generic coupled pass unscales the still-scaled gradient, adds wd * p and scales it back (exact for the
+        # scaler's power-of-two scales), so the fused kernel sees what its own L2 term makes: bit for bit
+        assert_same_weights(got, ref)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -189,7 +189,7 @@ def run(callbacks: list, optimizer_fn, logger: Logger | None = None, **trainer_k
     kwargs = dict(max_steps=STEPS, log_every_n_steps=EVERY, logger=logger if logger is not None else Recording(),
                   enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
     kwargs.update(trainer_kwargs)
-    trainer = L.Trainer(callbacks=callbacks, **kwargs)
+    trainer = L.Trainer(callbacks=callbacks, **{"accelerator": "cpu", **kwargs})
     trainer.fit(tiny_module(optimizer_fn), make_loader())
     return trainer
 
