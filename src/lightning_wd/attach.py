@@ -35,7 +35,7 @@ from torch.optim import Optimizer
 from lightning_wd.checks import DecayChecks
 from lightning_wd.config import DecayConfig, LrMax
 from lightning_wd.generic_pass import ROUNDING_KEY, GenericPass
-from lightning_wd.modes import Mode, describe_mode_change
+from lightning_wd.modes import Mode
 from lightning_wd.optimizers import rule_for
 from lightning_wd.plan import GENERIC, LR_MAX_KEY, Native, Plan, Planner, Refused
 from lightning_wd.records import (
@@ -128,7 +128,6 @@ class AttachedWeightDecay:
         self._records = GroupRecords(optimizer, self.rule, config, self._check_adopted)
         self._dtypes: dict[int, tuple[list[Tensor], int, frozenset[torch.dtype]]] = {}
         self._stash: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (group, the user's values) during a step
-        self._warned: set[int] = set()
         self._records.adopt(restored=False)  # all or nothing: refused before any hook is in place
         _warn_if_assumed(optimizer, registered_as)
         self._load_hook = optimizer.register_load_state_dict_post_hook(self._after_load)
@@ -200,7 +199,7 @@ class AttachedWeightDecay:
         plan = self.plan(group)
         if isinstance(plan, Refused):
             raise ValueError(f"lightning_wd: param group {index} of {type(self.optimizer).__name__}: {plan.reason}")
-        self._warn_if_switch_overruled(index, group)
+        self._records.warn_if_switch_overruled(index, group)
         if self.config.schedule is not None and not isinstance(group.get("weight_decay"), Tensor):
             end = self.config.weight_decay_end if group.get("weight_decay", 0.0) != 0 else 0.0
             wd = max(group.get("weight_decay", 0.0), end)
@@ -219,24 +218,6 @@ class AttachedWeightDecay:
         for index, group in enumerate(self.optimizer.param_groups):
             wd = self.current_weight_decay(group)
             self._checks.check(index, group, wd, self.per_step_decay(group, wd), self._group_dtypes(group))
-
-    def _warn_if_switch_overruled(self, index: int, group: dict[str, Any]) -> None:
-        """Where the user chose a decay rule on the optimizer and the mode replaces it, say so once."""
-        rule, opt, mode = self.rule, self.optimizer, self.config.mode
-        chosen = rule.chosen_switch(opt, group) if rule.chosen_switch is not None else None
-        own = rule.own_rule(opt, group)
-        if chosen is None or own == mode or index in self._warned or group.get("weight_decay", 0.0) == 0:
-            return
-        self._warned.add(index)
-        lr = group["lr"] if isinstance(group.get("lr"), (int, float)) else 1.0
-        change = describe_mode_change(own, mode, lr, rule.own_lr_max(opt, group), group.get(LR_MAX_KEY)) if own \
-            else "its own rule is none of lightning_wd's modes"
-        keep = f"mode={own!r}" if own else "no WeightDecay"
-        rank_zero_warn(
-            f"lightning_wd: {type(opt).__name__} was configured with {chosen} (its own decay: {own or 'its own rule'}"
-            f"), and mode={mode!r} replaces it in param group {index}: {change}. Use {keep} to keep the decay you"
-            " configured."
-        )
 
     # --- the step (StepHooks listener) ---------------------------------------------------------------------------
     def on_begin(self, optimizer: Optimizer) -> None:

@@ -186,8 +186,9 @@ def cautious_decay_(
 
     Decoupled (``per_step_decay = x``): ``p *= 1 - x`` where ``u * p >= 0``. Coupled (``grads`` given):
     ``g += weight_decay * p`` there. ``directions[i](start, stop)`` gives the update direction ``u`` of
-    ``params[i]``'s elements ``[start, stop)`` (flattened in the parameter's memory order, :func:`flat_like`); it is called before the optimizer's step, from its state
-    and the gradient, so that no parameter-sized temporary is ever made. ``skip``: as in :func:`decay_weights_`.
+    ``params[i]``'s elements ``[start, stop)`` (flattened in the parameter's memory order, :func:`flat_like`); it is
+    called before the optimizer's step, from its state and the gradient, so that no parameter-sized temporary is
+    ever made. ``skip``: as in :func:`decay_weights_`.
 
     Example::
 

@@ -11,8 +11,8 @@ A :class:`RateSpec` describes one parameter's rate without computing it: ``scale
 writes ``sqrt(u)`` for a range of elements into a buffer. :func:`rate_statistics` streams the parameters of a param
 group through one chunk-sized scratch buffer and returns the min, max, mean and median of each parameter's rate and of
 the whole group's, with no host read and with memory that grows neither with the size of the largest parameter nor
-with the number of parameters. On a CPU, a state read by a plain root goes through a fused C kernel instead (the
-optional extension ``lightning_wd._rate_kernel``, :func:`fused_kernel_available`): one read of the state for all the
+with the number of parameters. On a CUDA GPU, a state read by a plain root goes through two fused Triton kernels instead
+(:mod:`lightning_wd.rate_triton`, :func:`fused_kernel_available`): two reads of the state for all the
 statistics, about half the time of the torch ops.
 
 Example::
@@ -171,7 +171,7 @@ def _flat(t: Tensor) -> Tensor:
 
 class _StateFill:
     """``fill`` writing ``sqrt(t)`` (``root=True``) or ``t`` itself (a state that is already the root, as Adamax's
-    ``exp_inf``), over ``t``'s elements in memory order. Its ``flat`` state is also what the fused CPU kernel reads
+    ``exp_inf``), over ``t``'s elements in memory order. Its ``flat`` state is also what the fused Triton pass reads
     in place of the calls (:func:`fused_kernel_available`)."""
 
     def __init__(self, t: Tensor, root: bool) -> None:
@@ -664,77 +664,86 @@ def _eager_rate_statistics(specs: Sequence[RateSpec], per_parameter: bool, per_g
                            tokens: list[Hashable | None], reduce: Any, bucket_of: list[int | None],
                            n_buckets: int) -> Tensor:
     """:func:`rate_statistics` by torch ops."""
-    device = specs[0].device
-    n_out = (len(specs) if per_parameter else 0) + n_buckets + (1 if per_group else 0)
-    out = torch.empty(n_out, len(STATS), dtype=torch.float32, device=device)
-    group = empty_partials(1, device) if per_group else None
-    bucketed = empty_partials(n_buckets, device) if n_buckets else None
+    return _EagerPass(specs, per_parameter, per_group, reduce, bucket_of, n_buckets).run(tokens)
 
-    largest: dict[torch.device, int] = {}
-    for spec in specs:
-        largest[spec.device] = max(largest.get(spec.device, 0), _chunk(spec))
-    # made at the first spec that needs one: none where the fused kernel takes every spec
-    scratch: dict[torch.device, Tensor] = {}
 
-    def accumulate(spec: RateSpec, ext: Tensor, sums: Tensor) -> None:
+class _EagerPass:
+    """One call of the eager pass: the output rows, the group's and the buckets' partials, the blocks of rows, and a
+    chunk-sized scratch buffer per device (made at the first spec that needs it)."""
+
+    def __init__(self, specs: Sequence[RateSpec], per_parameter: bool, per_group: bool, reduce: Any,
+                 bucket_of: list[int | None], n_buckets: int) -> None:
+        self.specs, self.per_parameter, self.reduce, self.bucket_of = specs, per_parameter, reduce, bucket_of
+        self.device = device = specs[0].device
+        n_out = (len(specs) if per_parameter else 0) + n_buckets + (1 if per_group else 0)
+        self.out = torch.empty(n_out, len(STATS), dtype=torch.float32, device=device)
+        self.group = empty_partials(1, device) if per_group else None
+        self.bucketed = empty_partials(n_buckets, device) if n_buckets else None
+        self.largest: dict[torch.device, int] = {}
+        for spec in specs:
+            self.largest[spec.device] = max(self.largest.get(spec.device, 0), _chunk(spec))
+        self.scratch: dict[torch.device, Tensor] = {}
+        # a row for a spec on another device than the blocks' (a group that spans devices)
+        self.detour = {d: _Block(1, d) for d in self.largest if d != device}
+
+    def run(self, tokens: list[Hashable | None]) -> Tensor:
+        counts: dict[Hashable | None, int] = {}
+        for t in tokens:
+            counts[t] = counts.get(t, 0) + 1
+        blocks = {t: _Block(min(BLOCK_ROWS, n), self.device) for t, n in counts.items()}
+        for i, (spec, token) in enumerate(zip(self.specs, tokens)):
+            block = blocks[token]
+            self._into_row(spec, block, len(block.index))
+            block.index.append(i)
+            if len(block.index) == len(block.partials.ext):
+                self._flush(token, block)
+        for token, block in blocks.items():  # the same order on every process: that of the tokens' first appearance
+            if block.index:
+                self._flush(token, block)
+        first = len(self.specs) if self.per_parameter else 0
+        if self.bucketed is not None:
+            self.out[first : first + len(self.bucketed.ext)] = summarize_partials(*self.bucketed)
+        if self.group is not None:
+            self.out[-1] = summarize_partials(*self.group)[0]
+        return self.out
+
+    def _accumulate(self, spec: RateSpec, ext: Tensor, sums: Tensor) -> None:
         if spec.numel == 0:
             return
-        if spec.device not in scratch:
-            scratch[spec.device] = make_scratch(largest[spec.device], spec.device)
-        _accumulate_eager(spec, ext, sums, scratch[spec.device])
+        if spec.device not in self.scratch:
+            self.scratch[spec.device] = make_scratch(self.largest[spec.device], spec.device)
+        _accumulate_eager(spec, ext, sums, self.scratch[spec.device])
 
-    # a row for a spec on another device than the blocks' (a group that spans devices)
-    detour = {d: _Block(1, d) for d in largest if d != device}
+    def _into_row(self, spec: RateSpec, block: _Block, r: int) -> None:
+        if spec.device == self.device:
+            self._accumulate(spec, block.partials.ext[r], block.partials.sums[r])
+            return
+        row = self.detour[spec.device]
+        row.reset()
+        self._accumulate(spec, row.partials.ext[0], row.partials.sums[0])
+        block.partials.ext[r].copy_(row.partials.ext[0])
+        block.partials.sums[r].copy_(row.partials.sums[0])
 
-    counts: dict[Hashable | None, int] = {}
-    for t in tokens:
-        counts[t] = counts.get(t, 0) + 1
-    blocks = {t: _Block(min(BLOCK_ROWS, n), device) for t, n in counts.items()}
-
-    def flush(token: Hashable | None, block: _Block) -> None:
+    def _flush(self, token: Hashable | None, block: _Block) -> None:
         rows = len(block.index)
         part = Partials(block.partials.ext[:rows], block.partials.sums[:rows])
         if token is not None:
-            reduce(part, token)
-        if per_parameter:
+            self.reduce(part, token)
+        if self.per_parameter:
             stats = summarize_partials(*part)
             first = block.index[0]
             if block.index == list(range(first, first + rows)):
-                out[first : first + rows] = stats
+                self.out[first : first + rows] = stats
             else:  # sharded and whole parameters in one group: row by row (an index tensor would be a host copy)
                 for j, i in enumerate(block.index):
-                    out[i] = stats[j]
-        if group is not None:
-            _combine(group, 0, part.ext.amin(0)[0], part.ext.amax(0)[1], part.sums.sum(0))
-        if bucketed is not None:
+                    self.out[i] = stats[j]
+        if self.group is not None:
+            _combine(self.group, 0, part.ext.amin(0)[0], part.ext.amax(0)[1], part.sums.sum(0))
+        if self.bucketed is not None:
             for j, i in enumerate(block.index):
-                if bucket_of[i] is not None:
-                    _combine(bucketed, bucket_of[i], part.ext[j, 0], part.ext[j, 1], part.sums[j])
+                if self.bucket_of[i] is not None:
+                    _combine(self.bucketed, self.bucket_of[i], part.ext[j, 0], part.ext[j, 1], part.sums[j])
         block.reset()
-
-    for i, (spec, token) in enumerate(zip(specs, tokens)):
-        block = blocks[token]
-        r = len(block.index)
-        if spec.device == device:
-            accumulate(spec, block.partials.ext[r], block.partials.sums[r])
-        else:
-            row = detour[spec.device]
-            row.reset()
-            accumulate(spec, row.partials.ext[0], row.partials.sums[0])
-            block.partials.ext[r].copy_(row.partials.ext[0])
-            block.partials.sums[r].copy_(row.partials.sums[0])
-        block.index.append(i)
-        if len(block.index) == len(block.partials.ext):
-            flush(token, block)
-    for token, block in blocks.items():  # the same order on every process: that of the tokens' first appearance
-        if block.index:
-            flush(token, block)
-    first = len(specs) if per_parameter else 0
-    if bucketed is not None:
-        out[first : first + n_buckets] = summarize_partials(*bucketed)
-    if group is not None:
-        out[-1] = summarize_partials(*group)[0]
-    return out
 
 
 def _combine(into: Partials, row: int, lo: Tensor, hi: Tensor, sums: Tensor) -> None:

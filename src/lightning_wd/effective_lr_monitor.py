@@ -143,7 +143,8 @@ class EffectiveLRMonitor(StepCallback):
                     skipped[f"{cls}'s sharded (FSDP2) parameters"] = "its rate needs the whole parameter"
                 self._listeners.append((opt, _Listener(self, found[1])))
         if skipped:
-            rank_zero_warn(f"EffectiveLRMonitor skips {'; '.join(f'{c} ({why})' for c, why in sorted(skipped.items()))}.")
+            what = "; ".join(f"{c} ({why})" for c, why in sorted(skipped.items()))
+            rank_zero_warn(f"EffectiveLRMonitor skips {what}.")
         if self._listeners and pl_module.device.type == "cuda" and not fused_kernel_available(pl_module.device):
             rank_zero_info(  # said once: the eager pass costs a multiple of an optimizer step there
                 "EffectiveLRMonitor: " + ("the fused Triton kernel is switched off (fused_kernel_disabled()), so"

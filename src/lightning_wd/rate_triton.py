@@ -472,111 +472,141 @@ def _statistics(
     device: torch.device,
 ) -> Tensor:
     """:func:`triton_rate_statistics` once its arguments are checked, on the current device."""
-    first_bucket = len(specs) if per_parameter else 0
-    out = torch.empty(first_bucket + n_buckets + (1 if per_group else 0), len(STATS), dtype=torch.float32,
-                      device=device)
-    if not len(out):  # nothing asked for (on every process alike: no reduce calls either)
-        return out
-    cap = _max_programs(device)
-    launches = [_launch_args(spec, cap) for spec in specs]
-    blocks = _blocks(tokens, [grid for grid, _, _ in launches], cap)
-    f64 = {"dtype": torch.float64, "device": device}
-    if n_buckets:  # each row's bucket, in the blocks' order; n_buckets (a row of its own) for none
-        order = [i for block in blocks for i in block.index]
-        bucket_index = _index_tensor([n_buckets if bucket_of[i] is None else bucket_of[i] for i in order], device)
-        for block, ids in zip(blocks, bucket_index.split([len(b.index) for b in blocks])):
-            block.buckets = ids
+    run = _TritonPass(specs, per_parameter, per_group, reduce, bucket_of, n_buckets, device)
+    if not len(run.out):  # nothing asked for (on every process alike: no reduce calls either)
+        return run.out
+    blocks = run.blocks(tokens)
+    run.coarse(blocks)
+    run.fine(blocks)
+    return run.finish()
 
-    # --- phase 1: min, max, sum, count and counts per octave of every row; the median's octaves --------------------
-    # the partial of no elements, copied into every program's row of a block: programs that a smaller spec's grid
-    # leaves out (and specs of no elements) keep it
-    identity = torch.zeros(_COARSE, **f64)
-    identity[0].fill_(float("inf"))
-    identity[1].fill_(float("-inf"))
-    group_sums = torch.zeros(1, _COARSE - 2, **f64)  # sum, count, counts per octave
-    bucket_sums = torch.zeros(n_buckets + 1, _COARSE - 2, **f64)  # and a last row for the rows of no bucket
-    for block in blocks:
-        part = identity.expand(len(block.index), block.programs, _COARSE).contiguous()
-        stride = block.programs * _COARSE  # a row's partials: an offset, not a view (a view per spec costs a torch op)
-        for r, i in enumerate(block.index):
-            grid, args, flags = launches[i]
-            if grid:
-                _coarse_kernel[(grid,)](*args, part, r * stride, **flags, TILE=TILE, num_warps=_NUM_WARPS)
-        ext = torch.stack([part[:, :, 0].amin(1), part[:, :, 1].amax(1)], 1).float()  # exact: fp32 values
-        sums = part[:, :, 2:].sum(1)
-        if block.token is not None:
-            reduce(Partials(ext, sums), block.token)
-        block.ext, block.sum_count = ext, sums[:, :2].clone()  # not a view: the counts per octave can go
-        block.octave, block.rank = _median_octave(sums[:, 1], sums[:, 2:])
-        group_sums.add_(sums.sum(0))
-        if n_buckets:
-            bucket_sums.index_add_(0, block.buckets, sums)
-    all_ext = torch.cat([block.ext for block in blocks])
-    group_ext = torch.stack([all_ext[:, 0].amin(), all_ext[:, 1].amax()]).unsqueeze(0)  # NaN-propagating
-    group_octave, group_rank = _median_octave(group_sums[:, 1], group_sums[:, 2:])
-    group_fine = torch.zeros(1, _BINS, **f64)
-    if n_buckets:
-        bucket_ext = _extremes_by_index(all_ext, bucket_index, n_buckets + 1)
-        bucket_octave, bucket_rank = _median_octave(bucket_sums[:, 1], bucket_sums[:, 2:])
-        bucket_octave[n_buckets:].fill_(-1)  # no bucket: matches no octave
-        bucket_fine = torch.zeros(n_buckets + 1, _BINS, **f64)
-    else:
-        bucket_octave = None
 
-    # --- phase 2: the counts in the median's octave of each row, bucket and the group ------------------------------
-    # the slots of the fine histogram, in the order in which an element's octave is matched (see _fine_kernel)
-    names = [name for name, on in (("group", per_group), ("bucket", n_buckets > 0), ("row", per_parameter)) if on]
-    slot = {name: k for k, name in enumerate(names)}
-    width = _BINS * len(names)
-    constexprs = {"ROW_SLOT": slot.get("row", -1), "GROUP_SLOT": slot.get("group", -1), "WIDTH": width,
-                  "NBINS": _BINS * (1 << (len(names) - 1).bit_length()), "TILE": TILE, "num_warps": _NUM_WARPS}
-    for block in blocks:
-        rows = len(block.index)
-        part = torch.zeros(rows, block.programs, width, **f64)
-        stride = block.programs * width
-        for r, i in enumerate(block.index):
-            grid, args, flags = launches[i]
-            b = bucket_of[i]
-            if grid:
-                _fine_kernel[(grid,)](*args, block.octave, r, bucket_octave, 0 if b is None else b, group_octave,
-                                      part, r * stride, **flags, **constexprs,
-                                      BUCKET_SLOT=-1 if b is None else slot["bucket"])
-        fine = part.sum(1)
-        if block.token is not None:
-            # the extremes are known already: rows of (+inf, -inf), which min and max leave as they are
-            reduce(Partials(_no_extremes(rows, device), fine), block.token)
+class _TritonPass:
+    """One call of the Triton pass: the output rows, the launches, and what phase 1 leaves for phase 2 about the
+    group and the buckets (see :func:`triton_rate_statistics`)."""
 
-        def counts(name: str) -> Tensor:
-            return fine[:, slot[name] * _BINS : (slot[name] + 1) * _BINS]
+    def __init__(self, specs: Sequence[RateSpec], per_parameter: bool, per_group: bool, reduce: Any,
+                 bucket_of: list[int | None], n_buckets: int, device: torch.device) -> None:
+        self.per_parameter, self.per_group, self.reduce = per_parameter, per_group, reduce
+        self.bucket_of, self.n_buckets, self.device = bucket_of, n_buckets, device
+        self.first_bucket = len(specs) if per_parameter else 0
+        self.out = torch.empty(self.first_bucket + n_buckets + (1 if per_group else 0), len(STATS),
+                               dtype=torch.float32, device=device)
+        self.cap = _max_programs(device)
+        self.launches = [_launch_args(spec, self.cap) for spec in specs]
+        self.f64 = {"dtype": torch.float64, "device": device}
+        self.bucket_index: Tensor | None = None
 
-        def shared(octave: Tensor, other: Tensor) -> Tensor:
-            return (octave == other).unsqueeze(-1)
+    def blocks(self, tokens: list[Hashable | None]) -> list[_Block]:
+        blocks = _blocks(tokens, [grid for grid, _, _ in self.launches], self.cap)
+        if self.n_buckets:  # each row's bucket, in the blocks' order; n_buckets (a row of its own) for none
+            order = [i for block in blocks for i in block.index]
+            self.bucket_index = _index_tensor(
+                [self.n_buckets if self.bucket_of[i] is None else self.bucket_of[i] for i in order], self.device)
+            for block, ids in zip(blocks, self.bucket_index.split([len(b.index) for b in blocks])):
+                block.buckets = ids
+        return blocks
 
-        if n_buckets:  # this block's rows' counts in their bucket's octave, where the group's slot took them
-            row_bucket_octave = bucket_octave[block.buckets]
-            in_bucket = counts("bucket")
-            if per_group:
-                in_bucket = torch.where(shared(row_bucket_octave, group_octave), counts("group"), in_bucket)
-            bucket_fine.index_add_(0, block.buckets, in_bucket)
-        if per_parameter:  # the row's counts, where they are not in the slot of the bucket or the group
-            own = counts("row")
+    # --- phase 1: min, max, sum, count and counts per octave of every row; the median's octaves ------------------
+    def coarse(self, blocks: list[_Block]) -> None:
+        n_buckets, f64 = self.n_buckets, self.f64
+        # the partial of no elements, copied into every program's row of a block: programs that a smaller spec's
+        # grid leaves out (and specs of no elements) keep it
+        identity = torch.zeros(_COARSE, **f64)
+        identity[0].fill_(float("inf"))
+        identity[1].fill_(float("-inf"))
+        self.group_sums = torch.zeros(1, _COARSE - 2, **f64)  # sum, count, counts per octave
+        self.bucket_sums = torch.zeros(n_buckets + 1, _COARSE - 2, **f64)  # and a last row for no bucket
+        for block in blocks:
+            part = identity.expand(len(block.index), block.programs, _COARSE).contiguous()
+            stride = block.programs * _COARSE  # a row's partials: an offset, not a view (a view costs a torch op)
+            for r, i in enumerate(block.index):
+                grid, args, flags = self.launches[i]
+                if grid:
+                    _coarse_kernel[(grid,)](*args, part, r * stride, **flags, TILE=TILE, num_warps=_NUM_WARPS)
+            ext = torch.stack([part[:, :, 0].amin(1), part[:, :, 1].amax(1)], 1).float()  # exact: fp32 values
+            sums = part[:, :, 2:].sum(1)
+            if block.token is not None:
+                self.reduce(Partials(ext, sums), block.token)
+            block.ext, block.sum_count = ext, sums[:, :2].clone()  # not a view: the counts per octave can go
+            block.octave, block.rank = _median_octave(sums[:, 1], sums[:, 2:])
+            self.group_sums.add_(sums.sum(0))
             if n_buckets:
-                own = torch.where(shared(block.octave, row_bucket_octave), counts("bucket"), own)
-            if per_group:
-                own = torch.where(shared(block.octave, group_octave), counts("group"), own)
+                self.bucket_sums.index_add_(0, block.buckets, sums)
+        all_ext = torch.cat([block.ext for block in blocks])
+        self.group_ext = torch.stack([all_ext[:, 0].amin(), all_ext[:, 1].amax()]).unsqueeze(0)  # NaN-propagating
+        self.group_octave, self.group_rank = _median_octave(self.group_sums[:, 1], self.group_sums[:, 2:])
+        self.group_fine = torch.zeros(1, _BINS, **f64)
+        self.bucket_octave = None
+        if n_buckets:
+            self.bucket_ext = _extremes_by_index(all_ext, self.bucket_index, n_buckets + 1)
+            self.bucket_octave, self.bucket_rank = _median_octave(self.bucket_sums[:, 1], self.bucket_sums[:, 2:])
+            self.bucket_octave[n_buckets:].fill_(-1)  # no bucket: matches no octave
+            self.bucket_fine = torch.zeros(n_buckets + 1, _BINS, **f64)
+
+    # --- phase 2: the counts in the median's octave of each row, bucket and the group ----------------------------
+    def fine(self, blocks: list[_Block]) -> None:
+        # the slots of the fine histogram, in the order in which an element's octave is matched (see _fine_kernel)
+        names = [name for name, on in (("group", self.per_group), ("bucket", self.n_buckets > 0),
+                                       ("row", self.per_parameter)) if on]
+        self.slot = {name: k for k, name in enumerate(names)}
+        width = _BINS * len(names)
+        constexprs = {"ROW_SLOT": self.slot.get("row", -1), "GROUP_SLOT": self.slot.get("group", -1),
+                      "WIDTH": width, "NBINS": _BINS * (1 << (len(names) - 1).bit_length()), "TILE": TILE,
+                      "num_warps": _NUM_WARPS}
+        for block in blocks:
+            rows = len(block.index)
+            part = torch.zeros(rows, block.programs, width, **self.f64)
+            stride = block.programs * width
+            for r, i in enumerate(block.index):
+                grid, args, flags = self.launches[i]
+                b = self.bucket_of[i]
+                if grid:
+                    _fine_kernel[(grid,)](*args, block.octave, r, self.bucket_octave, 0 if b is None else b,
+                                          self.group_octave, part, r * stride, **flags, **constexprs,
+                                          BUCKET_SLOT=-1 if b is None else self.slot["bucket"])
+            fine = part.sum(1)
+            if block.token is not None:
+                # the extremes are known already: rows of (+inf, -inf), which min and max leave as they are
+                self.reduce(Partials(_no_extremes(rows, self.device), fine), block.token)
+            self._fine_block(block, fine)
+
+    def _counts(self, fine: Tensor, name: str) -> Tensor:
+        return fine[:, self.slot[name] * _BINS : (self.slot[name] + 1) * _BINS]
+
+    def _fine_block(self, block: _Block, fine: Tensor) -> None:
+        """Each element is counted in one slot, the first target whose octave it is in: take each target's counts
+        from the slot that holds them."""
+        group_octave = self.group_octave
+        if self.n_buckets:  # this block's rows' counts in their bucket's octave, where the group's slot took them
+            row_bucket_octave = self.bucket_octave[block.buckets]
+            in_bucket = self._counts(fine, "bucket")
+            if self.per_group:
+                in_bucket = torch.where((row_bucket_octave == group_octave).unsqueeze(-1), self._counts(fine, "group"),
+                                        in_bucket)
+            self.bucket_fine.index_add_(0, block.buckets, in_bucket)
+        if self.per_parameter:  # the row's counts, where they are not in the slot of the bucket or the group
+            own = self._counts(fine, "row")
+            if self.n_buckets:
+                own = torch.where((block.octave == row_bucket_octave).unsqueeze(-1), self._counts(fine, "bucket"), own)
+            if self.per_group:
+                own = torch.where((block.octave == group_octave).unsqueeze(-1), self._counts(fine, "group"), own)
             stats = _summarize(block.ext, block.sum_count, block.octave, block.rank, own)
-            first = block.index[0]
+            first, rows = block.index[0], len(block.index)
             if block.index == list(range(first, first + rows)):
-                out[first : first + rows] = stats
+                self.out[first : first + rows] = stats
             else:  # sharded and whole parameters in one group: row by row (an index tensor would be a host copy)
                 for j, i in enumerate(block.index):
-                    out[i] = stats[j]
-        if per_group:
-            group_fine.add_(counts("group").sum(0))
-    if n_buckets:
-        out[first_bucket : first_bucket + n_buckets] = _summarize(
-            bucket_ext[:n_buckets], bucket_sums[:n_buckets, :2], bucket_octave[:n_buckets], bucket_rank[:n_buckets],
-            bucket_fine[:n_buckets])
-    if per_group:
-        out[-1] = _summarize(group_ext, group_sums[:, :2], group_octave, group_rank, group_fine)[0]
-    return out
+                    self.out[i] = stats[j]
+        if self.per_group:
+            self.group_fine.add_(self._counts(fine, "group").sum(0))
+
+    def finish(self) -> Tensor:
+        n, first = self.n_buckets, self.first_bucket
+        if n:
+            self.out[first : first + n] = _summarize(self.bucket_ext[:n], self.bucket_sums[:n, :2],
+                                                     self.bucket_octave[:n], self.bucket_rank[:n], self.bucket_fine[:n])
+        if self.per_group:
+            self.out[-1] = _summarize(self.group_ext, self.group_sums[:, :2], self.group_octave, self.group_rank,
+                                      self.group_fine)[0]
+        return self.out

@@ -108,6 +108,24 @@ class GroupRecords:
             group["weight_decay"] = 1.0 / (peak * config.timescale_steps)
         self._check(index, group)
 
+    def warn_if_switch_overruled(self, index: int, group: dict[str, Any]) -> None:
+        """Where the user chose a decay rule on the optimizer and the mode replaces it, say so once."""
+        rule, opt, mode = self.rule, self.optimizer, self.config.mode
+        chosen = rule.chosen_switch(opt, group) if rule.chosen_switch is not None else None
+        own = rule.own_rule(opt, group)
+        if chosen is None or own == mode or ("switch", index) in self._warned or _is_zero(group.get("weight_decay")):
+            return
+        self._warned.add(("switch", index))
+        lr = group["lr"] if isinstance(group.get("lr"), (int, float)) else 1.0
+        change = describe_mode_change(own, mode, lr, rule.own_lr_max(opt, group), group.get(LR_MAX_KEY)) if own \
+            else "its own rule is none of lightning_wd's modes"
+        keep = f"mode={own!r}" if own else "no WeightDecay"
+        rank_zero_warn(
+            f"lightning_wd: {type(opt).__name__} was configured with {chosen} (its own decay: {own or 'its own rule'}"
+            f"), and mode={mode!r} replaces it in param group {index}: {change}. Use {keep} to keep the decay you"
+            " configured."
+        )
+
     # --- what a group records --------------------------------------------------------------------------------
     def _record(self, index: int, group: dict[str, Any]) -> None:
         mode, old_mode, old_lr_max = self.config.mode, group.get(MODE_KEY), group.get(LR_MAX_KEY)

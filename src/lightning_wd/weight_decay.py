@@ -187,14 +187,15 @@ class WeightDecay(StepCallback):
         uncorrected = excluded_parameters(pl_module, self.uncorrected).values()
         try:
             for opt in self._optimizers:
-                attached = AttachedWeightDecay(opt, self._config_for(trainer, opt), excluded, uncorrected)
+                attached = AttachedWeightDecay(opt, _config_for(self, trainer, opt), excluded, uncorrected)
                 self._attached.append(attached)
                 attached.check_decay()
         except ValueError as err:  # a refusal: nothing has stepped, and nothing stays attached
             self._teardown()
             raise MisconfigurationException(f"WeightDecay({self.mode!r}) cannot train this run: {err}") from err
         self._warn_if_nothing_to_do()
-        lr_monitor_logs_wd = any(isinstance(cb, LearningRateMonitor) and cb.log_weight_decay for cb in trainer.callbacks)
+        lr_monitor_logs_wd = any(isinstance(cb, LearningRateMonitor) and cb.log_weight_decay
+                                 for cb in trainer.callbacks)
         self._log_timescale = self.log_weight_decay if self.log_weight_decay is not None else lr_monitor_logs_wd
         self._log_decay = bool(self.log_weight_decay) or (self._log_timescale and self.schedule is not None)
 
@@ -230,37 +231,6 @@ class WeightDecay(StepCallback):
                 " argument is None. Set `weight_decay` in the optimizer or pass `WeightDecay(weight_decay=...)`."
             )
 
-    def _config_for(self, trainer: pl.Trainer, optimizer: Optimizer) -> DecayConfig:
-        """The configuration with what the Trainer knows: the schedule's length, the timescale in steps, and the
-        per-group peaks of a cyclic LR schedule (``CyclicLR`` starts from its lowest lr, which schedulers record
-        as ``initial_lr``, and keeps its peaks in ``max_lrs``)."""
-        needs_total = self.schedule is not None or (self.timescale is not None and self.timescale_unit == "run")
-        total = _steps(trainer.estimated_stepping_batches) if needs_total else None
-        lr_max = self.lr_max
-        if lr_max is None and self.mode in ("independent", "corrected"):
-            peaks = scheduler_peaks(trainer.lr_scheduler_configs, optimizer)
-            lr_max = tuple(peaks) if peaks is not None else None
-        return dataclasses.replace(
-            self.config, lr_max=lr_max, total_steps=total if self.schedule is not None else None,
-            timescale_steps=self._timescale_steps(trainer, total),
-        )
-
-    def _timescale_steps(self, trainer: pl.Trainer, total: int | None) -> float | None:
-        """The ``timescale`` argument in optimizer steps: a fraction of the run's steps, or epochs of steps."""
-        if self.timescale is None:
-            return None
-        if self.timescale_unit == "run":
-            assert total is not None
-            return self.timescale * total
-        if trainer.train_dataloader is None:  # as `estimated_stepping_batches` does, to know the epoch's length
-            trainer.fit_loop.setup_data()
-        if not math.isfinite(trainer.num_training_batches):
-            raise MisconfigurationException(
-                "WeightDecay(timescale_unit='epochs') needs the length of an epoch; the train dataloader has none."
-            )
-        per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
-        return self.timescale * per_epoch
-
     # --- logging ---------------------------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         # Lightning's own logging steps, as LearningRateMonitor(logging_interval="step"), so the two read side by side
@@ -295,3 +265,37 @@ def _steps(total: float) -> int:
             "WeightDecay's `schedule` and `timescale` need the length of the run: set `max_steps` or `max_epochs`."
         )
     return int(total)
+
+
+def _config_for(callback: WeightDecay, trainer: pl.Trainer, optimizer: Optimizer) -> DecayConfig:
+    """The callback's configuration with what the Trainer knows: the schedule's length, the timescale in steps, and
+    the per-group peaks of a cyclic LR schedule (``CyclicLR`` starts from its lowest lr, which schedulers record as
+    ``initial_lr``, and keeps its peaks in ``max_lrs``)."""
+    needs_total = callback.schedule is not None or (callback.timescale is not None
+                                                     and callback.timescale_unit == "run")
+    total = _steps(trainer.estimated_stepping_batches) if needs_total else None
+    lr_max = callback.lr_max
+    if lr_max is None and callback.mode in ("independent", "corrected"):
+        peaks = scheduler_peaks(trainer.lr_scheduler_configs, optimizer)
+        lr_max = tuple(peaks) if peaks is not None else None
+    return dataclasses.replace(
+        callback.config, lr_max=lr_max, total_steps=total if callback.schedule is not None else None,
+        timescale_steps=_timescale_steps(callback, trainer, total),
+    )
+
+
+def _timescale_steps(callback: WeightDecay, trainer: pl.Trainer, total: int | None) -> float | None:
+    """The ``timescale`` argument in optimizer steps: a fraction of the run's steps, or epochs of steps."""
+    if callback.timescale is None:
+        return None
+    if callback.timescale_unit == "run":
+        assert total is not None
+        return callback.timescale * total
+    if trainer.train_dataloader is None:  # as `estimated_stepping_batches` does, to know the epoch's length
+        trainer.fit_loop.setup_data()
+    if not math.isfinite(trainer.num_training_batches):
+        raise MisconfigurationException(
+            "WeightDecay(timescale_unit='epochs') needs the length of an epoch; the train dataloader has none."
+        )
+    per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+    return callback.timescale * per_epoch

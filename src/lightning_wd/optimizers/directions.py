@@ -18,7 +18,8 @@ __all__ = ["Direction", "adam_direction", "gradient_direction", "lion_direction"
 
 
 def _flat(t: Tensor, param: Tensor) -> Tensor:
-    """``t`` (the gradient or a state of ``param``) flattened in ``param``'s memory order, as cautious decay walks it."""
+    """``t`` (the gradient or a state of ``param``) flattened in ``param``'s memory order, as cautious decay walks
+    it."""
     return flat_like(local_tensor(t), local_tensor(param))
 
 

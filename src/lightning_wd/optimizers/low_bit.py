@@ -28,7 +28,8 @@ for _path in ("adam.Adam", "adam.Adam8bit", "adam.Adam32bit", "adam.PagedAdam", 
               "adam.PagedAdam32bit", "adamw.AdamW", "adamw.AdamW8bit", "adamw.AdamW32bit", "adamw.PagedAdamW",
               "adamw.PagedAdamW8bit", "adamw.PagedAdamW32bit"):
     register_optimizer(f"bitsandbytes.optim.{_path}", OptimizerRule(
-        own="decoupled", generic_refusal=_overridden, description=f"{DECOUPLED} (Adam* too: the same kernel as AdamW*)"))
+        own="decoupled", generic_refusal=_overridden,
+        description=f"{DECOUPLED} (Adam* too: the same kernel as AdamW*)"))
 for _path in ("lion.Lion", "lion.Lion8bit", "lion.Lion32bit", "lion.PagedLion", "lion.PagedLion8bit",
               "lion.PagedLion32bit"):
     register_optimizer(f"bitsandbytes.optim.{_path}", OptimizerRule(

@@ -31,7 +31,6 @@ from lightning_wd._types import Group, Scalar
 from lightning_wd.effective_lr import Formula
 from lightning_wd.modes import MODES
 
-
 GroupTest = Callable[[Group], bool]
 Refusal = Callable[[Optimizer, Group, str], Union[str, None]]
 StepSize = Callable[[Optimizer, Group], Union[Scalar, None]]

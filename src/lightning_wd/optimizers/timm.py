@@ -7,11 +7,10 @@ defining modules (``timm.optim.lion.Lion``), so nothing here imports timm.
 
 from __future__ import annotations
 
-from torch.optim import Optimizer
-
 from typing import Any
 
 from torch import Tensor
+from torch.optim import Optimizer
 
 from lightning_wd.effective_lr import SIGN_UPDATE, Formula, RateSpec, adam_rate
 from lightning_wd.optimizers.directions import lion_direction
@@ -120,7 +119,9 @@ _register("adafactor_bv.AdafactorBigVision", own=_big_vision,
                       " lr/max_lr)")
 def _kron(optimizer: Optimizer, group: Group) -> str | None:
     # stochastic_weight_decay multiplies the decay by 2U, U uniform: ours only on average
-    return None if group.get("stochastic_weight_decay", False) else _decoupled("decoupled_decay", None)(optimizer, group)
+    if group.get("stochastic_weight_decay", False):
+        return None
+    return _decoupled("decoupled_decay", None)(optimizer, group)
 
 
 _register("kron.Kron", "decoupled_decay", own=_kron,
