@@ -34,6 +34,7 @@ _runs: dict[tuple[str, str], tuple[dict[str, torch.Tensor], Path]] = {}
 def run_cli(config: str, tmp: Path, extra: list[str]) -> tuple[dict[str, torch.Tensor], Path]:
     """Run ``train.py fit`` on ``examples/digits/{config}.yaml``; return the final weights and the log dir."""
     pytest.importorskip("jsonargparse")  # LightningCLI's (the `examples` extra)
+    pytest.importorskip("sklearn")  # the digits data
     cmd = [sys.executable, str(TRAIN), "fit", "--config", str(TRAIN.parent / f"{config}.yaml"), *SHORT,
            f"--trainer.logger.init_args.save_dir={tmp}", f"--trainer.default_root_dir={tmp}", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -136,6 +137,7 @@ def _sweep_module():
 @pytest.fixture(scope="module")
 def quick_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[dict]]:
     """``decay_rules_sweep.py --quick`` run as a user runs it (one thread); its table and the rows of its CSV."""
+    pytest.importorskip("sklearn")  # the digits data (the `examples` extra)
     import csv
     import os
 

@@ -27,6 +27,7 @@ def column(path: Path, key: str) -> list[tuple[int, float]]:
 
 
 def test_quick_run_writes_the_figure_and_the_predicted_norms(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")  # the digits data (the `examples` extra)
     out = tmp_path / "weight_norm.png"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--save-dir", str(tmp_path), "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -34,6 +34,9 @@ def check_selection(per_parameter: Any, per_module: Any, per_group: Any) -> tupl
     ``per_module`` a depth (int >= 1) or None, ``per_group`` a bool; at least one of them selects something."""
     if isinstance(per_parameter, bool):
         parameters: bool | list[str] = per_parameter
+    elif isinstance(per_parameter, str):  # "False" from a config is not False: refused, not read as one pattern
+        raise TypeError(f"`per_parameter` must be True, False or a list of name patterns, got the string"
+                        f" {per_parameter!r}.")
     else:
         parameters = check_patterns(per_parameter, "per_parameter")
     module = check_positive_int("per_module", per_module)
