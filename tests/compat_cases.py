@@ -1,6 +1,7 @@
 """The optimizer compatibility cases: each optimizer as a user configures it (its own ``weight_decay``), and what each
-mode of lightning_wd must give with it. ``tests/test_compat.py`` checks every case; the README's compatibility table
-is rendered from this list (``python tests/compat_cases.py`` rewrites it; a test checks that it is current).
+mode of lightning_wd must give with it. ``tests/test_compat.py`` checks every case; the compatibility table of
+``docs/compatibility.md`` is rendered from this list (``python tests/compat_cases.py`` rewrites it; a test checks
+that it is current).
 
 What a mode gives, per case:
 
@@ -327,7 +328,7 @@ CASES: list[Case] = [
 ]
 
 
-# --- the README table -------------------------------------------------------------------------------------------------
+# --- the table of docs/compatibility.md -------------------------------------------------------------------------------
 TABLE_START, TABLE_END = "<!-- compatibility table: start -->", "<!-- compatibility table: end -->"
 CELL = {"native": "native", "adapted": "adapted", "refused": "refused"}
 
@@ -364,11 +365,11 @@ def render_table(cases: list[Case] = CASES) -> str:
 def readme_with_table(readme: str, table: str) -> str:
     pattern = re.compile(re.escape(TABLE_START) + ".*?" + re.escape(TABLE_END), re.S)
     if not pattern.search(readme):
-        raise ValueError(f"README has no {TABLE_START} ... {TABLE_END} section")
+        raise ValueError(f"the page has no {TABLE_START} ... {TABLE_END} section")
     return pattern.sub(lambda _: f"{TABLE_START}\n{table}\n{TABLE_END}", readme)
 
 
-if __name__ == "__main__":  # rewrite the README's table from the cases
-    path = Path(__file__).resolve().parents[1] / "README.md"
+if __name__ == "__main__":  # rewrite the table of docs/compatibility.md from the cases
+    path = Path(__file__).resolve().parents[1] / "docs" / "compatibility.md"
     path.write_text(readme_with_table(path.read_text(), render_table()))
     print(f"wrote the compatibility table ({len(CASES)} optimizers) into {path}")

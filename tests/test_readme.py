@@ -22,6 +22,11 @@ def block_after(heading: str, language: str) -> str:
 
 def test_the_usage_snippet_trains_as_adamw_with_the_exclusions(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # its Trainer writes lightning_logs/ to the working directory
+    # the snippet lets the Trainer pick the accelerator; the reference below trains on the CPU, so the snippet must too
+    from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
+
+    monkeypatch.setattr(CUDAAccelerator, "is_available", staticmethod(lambda: False))
+    monkeypatch.setattr(MPSAccelerator, "is_available", staticmethod(lambda: False))
     source = block_after("## Usage", "python")
     namespace: dict = {}
     torch.manual_seed(0)
@@ -49,14 +54,26 @@ def test_the_usage_snippet_trains_as_adamw_with_the_exclusions(tmp_path, monkeyp
         assert torch.equal(got[name], value), name
 
 
-def test_the_hydra_config_instantiates_the_callback():
-    hydra_utils = pytest.importorskip("hydra.utils")
+def test_the_hydra_config_instantiates_the_callback(tmp_path, monkeypatch):
+    pytest.importorskip("hydra")
+    import hydra.utils
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from omegaconf import OmegaConf
 
     from lightning_wd import WeightDecay
 
+    monkeypatch.chdir(tmp_path)
     cfg = OmegaConf.create(block_after("With [Hydra]", "yaml"))
-    (callback,) = [hydra_utils.instantiate(c) for c in cfg.callbacks]
+    callback = hydra.utils.instantiate(cfg.weight_decay)  # the top-level node, on its own
     assert isinstance(callback, WeightDecay)
-    assert (callback.mode, callback.exclude_bias_and_norm, callback.schedule, callback.weight_decay_end) == (
-        "decoupled", True, "cosine", 0.4)
+    assert (callback.mode, callback.exclude_bias_and_norm) == ("decoupled", True)
+
+    # the README's own lines: the node appended to the callbacks, and none without it (`~weight_decay`)
+    source = block_after("With [Hydra]", "python")
+    for config, expected in ((cfg, 1), (OmegaConf.create({"callbacks": cfg.callbacks}), 0)):
+        namespace = {"hydra": hydra, "L": L, "cfg": config}
+        exec(compile(source, "README.md:Hydra", "exec"), namespace)
+        callbacks = namespace["trainer"].callbacks
+        assert sum(isinstance(c, ModelCheckpoint) for c in callbacks) == 1
+        assert [c.mode for c in callbacks if isinstance(c, WeightDecay)] == ["decoupled"] * expected
