@@ -280,23 +280,9 @@ def _monitor_run(inputs: dict, make_strategy) -> dict:
     records what the monitor sent it on this rank (only rank 0 may send anything).
     """
     import lightning.pytorch as pl
-    from lightning.pytorch.loggers import Logger
+    from helpers import Recording  # not rank_zero_only: the test checks what each rank was sent
 
     from lightning_wd import EffectiveLRMonitor
-
-    class Recording(Logger):
-        def __init__(self) -> None:
-            super().__init__()
-            self.calls: list[tuple[int, dict[str, float]]] = []
-
-        name = "recording"
-        version = 0
-
-        def log_metrics(self, metrics, step=None):  # deliberately not rank_zero_only: the test checks the ranks
-            self.calls.append((step, dict(metrics)))
-
-        def log_hyperparams(self, *args, **kwargs):
-            pass
 
     def exact(values: torch.Tensor) -> list[float]:
         flat = values.flatten()
@@ -362,23 +348,9 @@ def _weight_norm_run(inputs: dict, make_strategy) -> dict:
     with ``full_tensor()`` (a collective that both ranks make), from which the test computes its reference; the
     logger records what the monitor sent it on this rank (only rank 0 may send anything)."""
     import lightning.pytorch as pl
-    from lightning.pytorch.loggers import Logger
+    from helpers import Recording  # not rank_zero_only: the test checks what each rank was sent
 
     from lightning_wd import WeightNormMonitor
-
-    class Recording(Logger):
-        name = "recording"
-        version = 0
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.calls: list[tuple[int, dict[str, float]]] = []
-
-        def log_metrics(self, metrics, step=None):  # deliberately not rank_zero_only: the test checks the ranks
-            self.calls.append((step, dict(metrics)))
-
-        def log_hyperparams(self, *args, **kwargs):
-            pass
 
     class Gathered(pl.Callback):
         def __init__(self) -> None:
@@ -399,7 +371,8 @@ def _weight_norm_run(inputs: dict, make_strategy) -> dict:
     Module = _module_class()
     module = Module(inputs["init"], "Adam", inputs["lr"], inputs["wd"], fsdp=True)
     logger, gathered = Recording(), Gathered()
-    trainer = _trainer(make_strategy(), [WeightNormMonitor(log_every_n_steps=1, per_parameter=True), gathered], max_steps=inputs["steps"])
+    trainer = _trainer(make_strategy(), [WeightNormMonitor(log_every_n_steps=1, per_parameter=True), gathered],
+                       max_steps=inputs["steps"])
     trainer.logger = logger
     trainer.fit(module, _loader(inputs))
     return {"logged": logger.calls, "reference": gathered.per_step}

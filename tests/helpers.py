@@ -1,4 +1,5 @@
-"""Shared helpers for the tests: a tiny regression LightningModule, its data, a quiet Trainer, weight comparison.
+"""Shared helpers for the tests: a tiny regression LightningModule, its data, a quiet Trainer, weight comparison, a
+logger that records what it is sent.
 
 Everything here is deterministic on CPU: the data come from a seeded generator, every model is built right after
 ``torch.manual_seed(seed)``, loaders never shuffle and no model uses dropout, so two runs that do the same math give
@@ -7,11 +8,13 @@ bit-identical weights.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -113,6 +116,17 @@ def fit(
     return t
 
 
+def flat_parameters(module: nn.Module) -> Tensor:
+    """Every parameter of ``module``, detached, in one flat tensor (in ``parameters()`` order)."""
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+def group_settings(groups: Any) -> list[dict[str, Any]]:
+    """Each param group's settings (all but its ``params``): an optimizer's, or those of a list of groups."""
+    groups = groups.param_groups if hasattr(groups, "param_groups") else groups
+    return [{k: v for k, v in g.items() if k != "params"} for g in groups]
+
+
 def weights(module: nn.Module) -> dict[str, Tensor]:
     """A detached copy of every parameter and buffer."""
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
@@ -154,6 +168,35 @@ def make_repeated_loader(n_batches: int = 5, batch_size: int = 8) -> DataLoader:
     x, y = make_dataset(batch_size).tensors
     data = TensorDataset(x.repeat(n_batches, 1), y.repeat(n_batches, 1))
     return DataLoader(data, batch_size=batch_size, shuffle=False)
+
+
+class Recording(Logger):
+    """A logger that keeps every ``log_metrics`` call: ``calls`` is a list of (step, metrics).
+
+    Not ``rank_zero_only``: in the distributed runs (``_dist_scripts.py``) each rank records what it was sent, and
+    the test checks that only rank 0 was sent anything.
+    """
+
+    name = "recording"
+    version = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, dict[str, float]]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.calls.append((step, dict(metrics)))
+
+    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def merged(self, prefixes: tuple[str, ...] | None = None) -> dict[int, dict[str, float]]:
+        """The metrics of each step, those of all its calls together; only the keys that start with one of
+        ``prefixes`` (every key if None), and only the steps that have some."""
+        out: dict[int, dict[str, float]] = defaultdict(dict)
+        for step, metrics in self.calls:
+            out[step].update({k: v for k, v in metrics.items() if prefixes is None or k.startswith(prefixes)})
+        return {s: m for s, m in out.items() if m}
 
 
 class SnapshotWeights(pl.Callback):

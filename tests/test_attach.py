@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import flat_parameters, group_settings
+from reference import decay_before_step, train_by_hand
 
 from lightning_wd import attach_weight_decay
 from lightning_wd.attach import LR_MAX_KEY, MODE_KEY
 from lightning_wd.plan import GENERIC, Native
+
+
+def mean_square(out: torch.Tensor, target=None) -> torch.Tensor:
+    """The loss of this file's runs: the output pushed towards zero."""
+    return out.pow(2).mean()
 
 
 def model() -> torch.nn.Module:
@@ -26,7 +33,7 @@ def train(make_opt, mode=None, steps=12, closure_every=2, native=True, **kw):
 
         def closure():
             opt.zero_grad()
-            loss = m(x).pow(2).mean()
+            loss = mean_square(m(x))
             loss.backward()
             return loss
 
@@ -36,30 +43,33 @@ def train(make_opt, mode=None, steps=12, closure_every=2, native=True, **kw):
             closure()
             opt.step()  # the plain-loop path
         sched.step()
-    return torch.cat([p.detach().flatten() for p in m.parameters()]), opt, handle
+    return flat_parameters(m), opt, handle
 
 
 NATIVE = pytest.mark.parametrize("native", [True, False], ids=["native", "generic"])
 FOREACH = pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
 
 
+def adam_like(cls, foreach):
+    """``cls(params, lr=0.05, weight_decay=0.2, foreach=foreach)``: Adam or AdamW as the tests below configure them."""
+    return lambda p: cls(p, lr=0.05, weight_decay=0.2, foreach=foreach)
+
+
 @NATIVE
 @FOREACH
 def test_adam_decoupled_is_adamw_bit_for_bit(native, foreach):
-    adam = lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=0.2, foreach=foreach)  # noqa: E731
-    ours, _, _ = train(adam, "decoupled", native=native)
-    ref, _, _ = train(lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.2, foreach=foreach))
+    ours, _, _ = train(adam_like(torch.optim.Adam, foreach), "decoupled", native=native)
+    ref, _, _ = train(adam_like(torch.optim.AdamW, foreach))
     assert torch.equal(ours, ref)
-    plain, _, _ = train(lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=0.2, foreach=foreach))
+    plain, _, _ = train(adam_like(torch.optim.Adam, foreach))
     assert not torch.allclose(ours, plain)  # coupled and decoupled really differ here
 
 
 @NATIVE
 @FOREACH
 def test_adamw_coupled_is_adam_l2_bit_for_bit(native, foreach):
-    adamw = lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.2, foreach=foreach)  # noqa: E731
-    ours, _, _ = train(adamw, "coupled", native=native)
-    ref, _, _ = train(lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=0.2, foreach=foreach))
+    ours, _, _ = train(adam_like(torch.optim.AdamW, foreach), "coupled", native=native)
+    ref, _, _ = train(adam_like(torch.optim.Adam, foreach))
     assert torch.equal(ours, ref)
 
 
@@ -88,16 +98,9 @@ def test_independent_mode_matches_hand_written_loop(native):
     opt = torch.optim.Adam(m.parameters(), lr=0.05)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
     g = torch.Generator().manual_seed(1)
-    for _ in range(12):
-        x = torch.randn(16, 5, generator=g)
-        opt.zero_grad()
-        m(x).pow(2).mean().backward()
-        with torch.no_grad():
-            for p in m.parameters():
-                p.mul_(1 - (opt.param_groups[0]["lr"] / 0.05) * wd)
-        opt.step()
-        sched.step()
-    ref = torch.cat([p.detach().flatten() for p in m.parameters()])
+    batches = [(torch.randn(16, 5, generator=g), None) for _ in range(12)]
+    train_by_hand(m, opt, batches, decay_before_step("independent", wd, 0.05), sched, loss=mean_square)
+    ref = flat_parameters(m)
     # the native path computes lr * (wd / lr_max), the loop (lr / lr_max) * wd: equal up to rounding
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
 
@@ -119,23 +122,19 @@ def test_weights_without_grad_are_not_decayed():
     assert torch.equal(unused, torch.ones(4))
 
 
-def user_values(opt):
-    return [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-
-
 def test_between_steps_the_groups_hold_the_users_values_and_a_record_of_the_mode():
     m = model()
     opt = torch.optim.Adam(m.parameters(), lr=0.1, weight_decay=0.5)
-    configured = user_values(opt)
+    configured = group_settings(opt)
     handle = attach_weight_decay(opt, mode="independent")
     seen_in_step = []
     opt.register_step_post_hook(lambda o, a, k: seen_in_step.append(dict(o.param_groups[0])))  # runs after ours
     group = opt.param_groups[0]
     recorded = {MODE_KEY: "independent", LR_MAX_KEY: 0.1}
-    assert user_values(opt) == [{**configured[0], **recorded}]
+    assert group_settings(opt) == [{**configured[0], **recorded}]
     m(torch.randn(3, 5)).sum().backward()
     opt.step()
-    assert user_values(opt) == [{**configured[0], **recorded}]  # the step's handoff was put back
+    assert group_settings(opt) == [{**configured[0], **recorded}]  # the step's handoff was put back
     assert opt.state_dict()["param_groups"][0]["weight_decay"] == 0.5
     opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "weight_decay": 0.25})
     opt.step()  # the new group is taken over at its first step
@@ -206,11 +205,11 @@ def _amp_run(make_opt, mode=None, native=True, inf_at=(2,)):
     for i in range(6):
         x = torch.randn(16, 5, generator=g)
         opt.zero_grad()
-        loss = m(x).pow(2).mean() * (float("inf") if i in inf_at else 1.0)
+        loss = mean_square(m(x)) * (float("inf") if i in inf_at else 1.0)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        snapshots.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
+        snapshots.append(flat_parameters(m))
     return snapshots
 
 

@@ -7,8 +7,19 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_close_weights, assert_same_weights, fit, make_loader, mlp, seeded, tiny_module, weights
+from helpers import (
+    assert_close_weights,
+    assert_same_weights,
+    fit,
+    group_settings,
+    make_loader,
+    mlp,
+    seeded,
+    tiny_module,
+    weights,
+)
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from reference import decay_before_step, decoupled, train_by_hand
 from torch import nn
 from torch.optim import Adam
 from torch.optim.lr_scheduler import CyclicLR, OneCycleLR
@@ -123,7 +134,7 @@ def test_sparse_adam_coupled_is_refused_and_decoupled_decays_the_weights():
             m.loss(torch.tensor([i, i + 1])).backward()
             if decay_by_hand:
                 with torch.no_grad():
-                    m.embed.weight.mul_(1 - 0.1 * 0.1)
+                    decoupled(m.embed.weight, 0.1, 0.1)  # lr, wd
             opt.step()
         return m.embed.weight.detach()
 
@@ -168,14 +179,7 @@ def test_independent_with_onecycle_equals_the_hand_written_loop():
     model = seeded(mlp)
     opt = Adam(model.parameters(), lr=0.1)
     sched = OneCycleLR(opt, max_lr=0.1, total_steps=steps)
-    for x, y in list(make_loader(96))[:steps]:
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.mul_(1 - (opt.param_groups[0]["lr"] / 0.1) * wd)
-        opt.step()
-        sched.step()
+    train_by_hand(model, opt, list(make_loader(96))[:steps], decay_before_step("independent", wd, 0.1), sched)
     assert_close_weights(got.net, model, rtol=1e-5, atol=1e-6)
 
 
@@ -230,8 +234,8 @@ def test_at_one_and_a_half_times_two_to_the_minus_nine_most_weights_still_move_a
 
 def test_a_refusal_at_attach_leaves_the_groups_as_they_were():
     opt = torch.optim.SparseAdam(SparseModule().parameters(), lr=0.1)
-    before = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    before = group_settings(opt)
     with pytest.raises(ValueError, match="SparseAdam"):
         attach_weight_decay(opt, mode="coupled", weight_decay=0.1)  # the argument would have been written first
-    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == before
+    assert group_settings(opt) == before
     assert not opt._optimizer_step_pre_hooks

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from compat_cases import CASES, MODES, WD, Case, Expect, _import, readme_with_table, render_table
+from helpers import flat_parameters, mlp, seeded
+from reference import decay_before_step
 from torch import nn
 
 from lightning_wd import attach_weight_decay
@@ -23,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 2))
+    """A 4-16-16-2 tanh MLP, the same initial weights every time."""
+    return seeded(lambda: mlp(4, 16, 2))
 
 
 def data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +78,7 @@ def train(case: Case, make, mode: str | None = None, before_step=None, weight_de
                 if before_step is not None:
                     before_step(optimizer, t)
                 optimizer.step()
-    return torch.cat([p.detach().flatten() for p in net.parameters()])
+    return flat_parameters(net)
 
 
 def coefficient(mode: str, case: Case, t: int) -> float:
@@ -89,27 +91,9 @@ def coefficient(mode: str, case: Case, t: int) -> float:
 
 
 def hand_rule(case: Case, mode: str, expect: Expect):
-    """The rule written out by hand, applied before each step to the optimizer built without decay."""
-
-    @torch.no_grad()
-    def before_step(optimizer, t: int) -> None:
-        for group in optimizer.param_groups:
-            lr = group["lr"]
-            lr = float(lr) if isinstance(lr, torch.Tensor) else lr
-            step = expect.step_size(optimizer, group) if expect.step_size is not None else lr
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if mode == "coupled":
-                    p.grad.add_(p, alpha=WD)
-                elif mode == "decoupled":
-                    p.mul_(1 - step * WD)
-                elif mode == "independent":
-                    p.mul_(1 - lr / case.lr * WD)
-                else:
-                    p.mul_(1 - step * (lr / case.lr) * WD)
-
-    return before_step
+    """The rule written out by hand (reference.py), applied before each step to the optimizer built without decay,
+    with the optimizer's real step size; lr_max is the lr of the start."""
+    return decay_before_step(mode, WD, lr_max=case.lr, step_size=expect.step_size)
 
 
 def params_of_cases():

@@ -8,7 +8,7 @@ arithmetic is the same operation for operation the weights must be equal bit for
 from __future__ import annotations
 
 import csv
-import math
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -28,6 +28,7 @@ from helpers import (
 )
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from reference import cosine_schedule, decay_before_step, in_turn, linear_schedule, train_by_hand
 from torch import nn
 from torch.optim import SGD, Adam, AdamW
 from torch.optim.lr_scheduler import CosineAnnealingLR
@@ -39,12 +40,8 @@ LR, WD0, WD_END, STEPS = 1e-2, 0.04, 0.4, 12
 NATIVE = pytest.mark.parametrize("native", [True, False], ids=["native", "generic"])
 
 
-def cosine(t: int, total: int = STEPS, start: float = WD0, end: float = WD_END) -> float:
-    return end + (start - end) * (1 + math.cos(math.pi * t / total)) / 2
-
-
-def linear(t: int, total: int = STEPS, start: float = WD0, end: float = WD_END) -> float:
-    return start + (end - start) * t / total
+cosine = partial(cosine_schedule, total=STEPS, start=WD0, end=WD_END)
+linear = partial(linear_schedule, total=STEPS, start=WD0, end=WD_END)
 
 
 def batches(n: int = STEPS):
@@ -68,24 +65,23 @@ def lightning_run(cls, callback, weight_decay=WD0, scheduler=False, net=mlp, **k
 # ---------------------------------------------------------------------------------------------------------------------
 # 1. weight-decay schedules
 # ---------------------------------------------------------------------------------------------------------------------
-def reference_with_wd_schedule(cls, wd_of_step, decay_by_hand=None, scheduler=False):
-    """``cls`` (AdamW, Adam with L2) given ``wd_of_step(t)`` as its own weight_decay before step t."""
+def own_weight_decay(wd_of_step, group=0):
+    """A ``before_step`` that gives param group ``group`` the weight_decay ``wd_of_step(t)`` for step t."""
+
+    def before_step(opt, t):
+        opt.param_groups[group]["weight_decay"] = wd_of_step(t)
+
+    return before_step
+
+
+def reference_with_wd_schedule(cls, wd_of_step, by_hand=None, scheduler=False):
+    """``cls`` (AdamW, Adam with L2) given ``wd_of_step(t)`` as its own weight_decay before step t; or, with
+    ``by_hand`` (a rule of reference.py, with its lr_max), ``cls`` without decay and that rule applied by hand."""
     model = seeded(mlp)
     opt = cls(model.parameters(), lr=LR, weight_decay=0.0)
     sched = CosineAnnealingLR(opt, T_max=STEPS) if scheduler else None
-    for t, (x, y) in enumerate(batches()):
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
-        if decay_by_hand is None:
-            opt.param_groups[0]["weight_decay"] = wd_of_step(t)
-        else:
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.mul_(1 - decay_by_hand(opt.param_groups[0]["lr"], wd_of_step(t)))
-        opt.step()
-        if sched:
-            sched.step()
-    return model
+    rule = own_weight_decay(wd_of_step) if by_hand is None else decay_before_step(by_hand[0], wd_of_step, by_hand[1])
+    return train_by_hand(model, opt, batches(), rule, sched)
 
 
 @NATIVE
@@ -109,7 +105,7 @@ def test_schedule_equals_the_optimizer_given_the_same_schedule(mode, cls, ref_cl
 def test_schedule_in_independent_mode_equals_the_hand_loop(native):
     callback = WeightDecay("independent", schedule="cosine", weight_decay_end=WD_END, lr_max=0.1, native=native)
     got, _ = lightning_run(Adam, callback, scheduler=True)
-    ref = reference_with_wd_schedule(Adam, cosine, decay_by_hand=lambda lr, wd: lr / 0.1 * wd, scheduler=True)
+    ref = reference_with_wd_schedule(Adam, cosine, by_hand=("independent", 0.1), scheduler=True)
     assert_close_weights(got.net, ref, rtol=1e-6, atol=1e-7)
 
 
@@ -123,11 +119,7 @@ def test_a_group_configured_without_decay_keeps_none_under_a_schedule():
     ref = seeded(mlp)
     opt = AdamW([{"params": ref[0].parameters(), "weight_decay": WD0},
                  {"params": [*ref[2].parameters(), *ref[4].parameters()], "weight_decay": 0.0}], lr=LR)
-    for t, (x, y) in enumerate(list(make_loader())[:3]):
-        opt.param_groups[0]["weight_decay"] = linear(t, total=3)
-        opt.zero_grad()
-        nn.functional.mse_loss(ref(x), y).backward()
-        opt.step()
+    train_by_hand(ref, opt, list(make_loader())[:3], own_weight_decay(partial(linear, total=3)))
     assert_same_weights(module.net, ref)
 
 
@@ -146,21 +138,15 @@ def test_schedule_needs_its_end_value_and_a_known_length():
 # 2. corrected decay (AdamC): wd * lr_t**2 / lr_max
 # ---------------------------------------------------------------------------------------------------------------------
 def reference_corrected(wd, lr_max, plain_params=()):
-    """Adam (no decay of its own), cosine lr; before each step ``p *= 1 - wd * lr_t**2 / lr_max``, or
-    ``p *= 1 - lr_t * wd`` for the parameters named in ``plain_params``."""
+    """Adam (no decay of its own), cosine lr; before each step the corrected decay ``p *= 1 - lr_t*(lr_t/lr_max)*wd``
+    (AdamC's ``wd * lr_t**2 / lr_max``), or the decoupled ``p *= 1 - lr_t * wd`` for the parameters named in
+    ``plain_params``."""
     model = seeded(mlp)
     opt = Adam(model.parameters(), lr=LR)
-    sched = CosineAnnealingLR(opt, T_max=STEPS)
-    for x, y in batches():
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
-        lr_t = opt.param_groups[0]["lr"]
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.mul_(1 - (lr_t * wd if name in plain_params else wd * lr_t**2 / lr_max))
-        opt.step()
-        sched.step()
-    return model
+    plain = {id(p) for name, p in model.named_parameters() if name in plain_params}
+    rules = in_turn(decay_before_step("corrected", wd, lr_max, select=lambda p: id(p) not in plain),
+                    decay_before_step("decoupled", wd, select=lambda p: id(p) in plain))
+    return train_by_hand(model, opt, batches(), rules, CosineAnnealingLR(opt, T_max=STEPS))
 
 
 @NATIVE
@@ -195,18 +181,7 @@ def reference_cautious(make_opt, direction_of, mode="decoupled", wd=0.5, steps=S
     and ``p *= 1 - lr * wd`` (decoupled) or ``g += wd * p`` (coupled) where the mask holds."""
     model = seeded(mlp)
     opt = make_opt(model.parameters())
-    for x, y in batches(steps):
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
-        with torch.no_grad():
-            for p in model.parameters():
-                mask = direction_of(opt, p) * p >= 0
-                if mode == "decoupled":
-                    p.mul_(torch.where(mask, 1 - opt.param_groups[0]["lr"] * wd, 1.0))
-                else:
-                    p.grad.add_(torch.where(mask, p, 0.0), alpha=wd)
-        opt.step()
-    return model
+    return train_by_hand(model, opt, batches(steps), decay_before_step(mode, wd, direction=direction_of))
 
 
 def adam_new_first_moment(opt, p):

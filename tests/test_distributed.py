@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+from reference import train_by_hand
 
 pytestmark = pytest.mark.distributed
 
@@ -177,12 +177,8 @@ def _reference(launch: dict, reference: str, batches: list[list[int]]) -> dict[s
     net = _load_script().make_net()
     net.load_state_dict(inputs["init"])
     opt = REFERENCES[reference](net.parameters())
-    for batch in batches:
-        idx = torch.tensor(batch)
-        loss = F.mse_loss(net(inputs["x"][idx]), inputs["y"][idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    indices = [torch.tensor(batch) for batch in batches]
+    train_by_hand(net, opt, [(inputs["x"][idx], inputs["y"][idx]) for idx in indices])
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
@@ -205,6 +201,17 @@ def _assert_matches_reference(launch: dict, name: str, reference: str) -> None:
     got = r0["weights"]
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], rtol=0, atol=ATOL, msg=lambda m: f"{name} {k}: {m}")
+
+
+def _assert_holds_the_configured_optimizer(groups: list[dict], state_dict: dict, run: dict, final: dict) -> None:
+    """A checkpoint's param groups hold the optimizer as ``run`` configured it, with the mode it trains in; its
+    weights are earlier ones than the ``final`` weights."""
+    configured_flag = run["optimizer"] == "AdamW"
+    assert [(g["weight_decay"], g["decoupled_weight_decay"], g["lightning_wd_mode"]) for g in groups] == [
+        (WD, configured_flag, run["mode"])
+    ]
+    saved = {k.removeprefix("net."): v for k, v in state_dict.items()}
+    assert _max_diff(saved, final) > MIN_EFFECT
 
 
 # --- DDP ------------------------------------------------------------------------------------------------------
@@ -231,15 +238,9 @@ def test_ddp_checkpoint_resume_equals_uninterrupted_run(ddp, name):
         assert resumed == full[len(full) - len(resumed) :] and 0 < len(resumed) < len(full)
     assert _max_diff(r0["resumed"]["weights"], r1["resumed"]["weights"]) == 0
     assert _max_diff(r0["resumed"]["weights"], r0["weights"]) == 0
-    # the checkpoint holds the optimizer as configured with the mode it trains in, and earlier weights than the final
     ckpt = torch.load(r0["ckpt_path"], weights_only=False)
-    groups = ckpt["optimizer_states"][0]["param_groups"]
-    configured_flag = run["optimizer"] == "AdamW"
-    assert [(g["weight_decay"], g["decoupled_weight_decay"], g["lightning_wd_mode"]) for g in groups] == [
-        (WD, configured_flag, run["mode"])
-    ]
-    saved = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items()}
-    assert _max_diff(saved, r0["weights"]) > MIN_EFFECT
+    _assert_holds_the_configured_optimizer(ckpt["optimizer_states"][0]["param_groups"], ckpt["state_dict"], run,
+                                           r0["weights"])
 
 
 # --- FSDP2 (ModelParallelStrategy + fully_shard) --------------------------------------------------------------
@@ -358,14 +359,8 @@ def test_fsdp2_checkpoint_resume_equals_uninterrupted_run(fsdp2, tmp_path):
 
     dcp_to_torch_save(r0["ckpt_path"], tmp_path / "ckpt.pt")
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
-    groups = ckpt["optimizer_0"]["param_groups"]
-    config = FSDP2_RESUME_RUNS[name]
-    configured_flag = config["optimizer"] == "AdamW"
-    assert [(g["weight_decay"], g["decoupled_weight_decay"], g["lightning_wd_mode"]) for g in groups] == [
-        (WD, configured_flag, config["mode"])
-    ]
-    saved = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items()}
-    assert _max_diff(saved, r0["weights"]) > MIN_EFFECT
+    _assert_holds_the_configured_optimizer(ckpt["optimizer_0"]["param_groups"], ckpt["state_dict"],
+                                           FSDP2_RESUME_RUNS[name], r0["weights"])
 
 
 def test_fsdp2_effective_lr_statistics_are_over_whole_parameters(fsdp2):
@@ -411,7 +406,7 @@ def test_fsdp2_weight_norms_are_of_whole_parameters(fsdp2):
         ref = r0["reference"][step]
         expected = {}
         for name, w in ref["before"].items():
-            w, g, after = w.double(), ref["grad"][name].double(), ref["after"][name].double()
+            w, g = w.double(), ref["grad"][name].double()
             expected[f"weight_norm/{name}"] = w.norm().item()  # at the step, the weights its gradient was taken at
             expected[f"grad_to_weight/{name}"] = (g.norm() / w.norm()).item()
             if w.dim() >= 2:  # Adam's own weight_decay is L2: (lr sqrt(n) |g~| / (2 wd))^(1/3), |g~| = |G| |W|

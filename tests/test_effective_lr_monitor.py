@@ -13,6 +13,7 @@ from collections import defaultdict
 import lightning as L
 import pytest
 import torch
+from helpers import trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
@@ -85,9 +86,8 @@ def formula_rate(opt, group, p) -> torch.Tensor:
 
 
 def make_trainer(logger, callbacks: list, max_steps: int, log_every_n_steps: int) -> L.Trainer:
-    """A quiet Trainer (no progress bar, checkpoints or model summary) with the given logger and callbacks."""
-    return L.Trainer(accelerator="cpu", max_steps=max_steps, log_every_n_steps=log_every_n_steps, logger=logger, callbacks=callbacks,
-                     enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+    """helpers' quiet Trainer with the given logger and callbacks."""
+    return trainer(callbacks, logger=logger, max_steps=max_steps, log_every_n_steps=log_every_n_steps)
 
 
 def read_metrics(log_dir: str) -> dict[int, dict[str, float]]:
@@ -177,7 +177,8 @@ def test_every_adaptive_optimizer_is_logged_with_exact_statistics_of_its_rate(tm
     """The logged statistics of each parameter and group equal the exact ones (sorted median, fp64 mean) of the
     per-element rate at the step they describe, for the optimizers beyond Adam."""
     ref = RateRecorder(formula_rate)
-    trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor(per_parameter=True), ref], max_steps=8, log_every_n_steps=4)
+    trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor(per_parameter=True), ref], max_steps=8,
+                           log_every_n_steps=4)
     trainer.fit(Net(OTHER_OPTIMIZERS[config]), loader())
     logged = read_metrics(str(tmp_path))
     for step in (3, 7):
@@ -276,7 +277,8 @@ def test_one_host_transfer_per_logging_step(tmp_path, monkeypatch):
 
 
 def test_unsupported_optimizer_warns_once_and_training_goes_on(tmp_path):
-    trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor(per_parameter=True)], max_steps=4, log_every_n_steps=1)
+    trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor(per_parameter=True)], max_steps=4,
+                           log_every_n_steps=1)
     expected = r"EffectiveLRMonitor skips SGD \(its rate is .*: use LearningRateMonitor\)\.$"
     with pytest.warns(UserWarning, match=expected) as record:
         trainer.fit(Net(lambda m: torch.optim.SGD(m.parameters(), lr=0.1)), loader())
@@ -316,7 +318,8 @@ def test_optimizers_without_a_rate_and_unknown_ones_are_named_in_one_warning(tmp
     def make_opts(m):
         return Unknown(m.body.parameters(), lr=0.1), Homemade(m.head.parameters(), {})
 
-    trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor(per_parameter=True)], max_steps=4, log_every_n_steps=1)
+    trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor(per_parameter=True)], max_steps=4,
+                           log_every_n_steps=1)
     with pytest.warns(UserWarning, match="EffectiveLRMonitor skips") as record:
         trainer.fit(ManualSteps(make_opts), loader())
     (message,) = [str(w.message) for w in record if "EffectiveLRMonitor" in str(w.message)]
@@ -328,7 +331,8 @@ def test_no_optimizer_at_all_gives_no_warning(tmp_path):
     """``configure_optimizers`` returning None: Lightning steps a stand-in optimizer with no param groups."""
     import warnings
 
-    trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor(per_parameter=True)], max_steps=2, log_every_n_steps=1)
+    trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor(per_parameter=True)], max_steps=2,
+                           log_every_n_steps=1)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         trainer.fit(Net(lambda m: None), loader())
@@ -341,7 +345,8 @@ def test_several_optimizers_are_named_by_class_and_repeat(tmp_path):
         return torch.optim.Adam(m.body.parameters(), lr=1e-2), torch.optim.Adam(m.head.parameters(), lr=1e-3)
 
     # max_steps counts optimizer steps: two per batch in manual optimization
-    trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor(per_parameter=True)], max_steps=4, log_every_n_steps=2)
+    trainer = make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor(per_parameter=True)], max_steps=4,
+                           log_every_n_steps=2)
     trainer.fit(ManualSteps(make_opts), loader())
     row = read_metrics(str(tmp_path))[1]
     assert {"effective_lr/Adam/pg1/median", "effective_lr/Adam-1/pg1/median"} <= set(row)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from helpers import trainer
 from torch import nn
 
 from lightning_wd.exclusion import excluded_parameters, format_exclusions
@@ -70,10 +71,9 @@ def test_report_is_logged_once_at_fit_start(caplog):
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), weight_decay=0.1)
 
-    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[WeightDecay(exclude_bias_and_norm=True)])
+    t = trainer([WeightDecay(exclude_bias_and_norm=True)], max_steps=3)
     with caplog.at_level(logging.INFO):
-        trainer.fit(Model(), DataLoader(TensorDataset(torch.randn(12, 3)), batch_size=4))
+        t.fit(Model(), DataLoader(TensorDataset(torch.randn(12, 3)), batch_size=4))
     reports = [r.getMessage() for r in caplog.records if "WeightDecay: no decay" in r.getMessage()]
     assert len(reports) == 1
     assert reports[0].startswith("WeightDecay: no decay for 3 of 4 parameter tensors (9 of 18 elements)")

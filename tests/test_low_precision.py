@@ -7,6 +7,7 @@ import warnings
 import lightning as L
 import pytest
 import torch
+from helpers import trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_wd import WeightDecay, attach_weight_decay
@@ -77,10 +78,8 @@ class Tiny(L.LightningModule):
 
 
 def fit(module: L.LightningModule, precision: str, steps: int = 4, **kwargs) -> None:
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, precision=precision, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[WeightDecay(**kwargs)])
-    trainer.fit(module, DataLoader(TensorDataset(torch.randn(32, 4)), batch_size=4))
+    t = trainer([WeightDecay(**kwargs)], max_steps=steps, precision=precision)
+    t.fit(module, DataLoader(TensorDataset(torch.randn(32, 4)), batch_size=4))
 
 
 def test_bf16_true_warns_at_fit_start_naming_dtype_and_what_is_lost():

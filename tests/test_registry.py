@@ -3,11 +3,15 @@ and a run through the Trainer with an optimizer whose lr is None (a relative ste
 
 from __future__ import annotations
 
+import inspect
 import warnings
+from pathlib import Path
 
+import compat_cases
 import pytest
 import torch
-from helpers import assert_same_weights, fit, tiny_module
+from helpers import assert_same_weights, fit, flat_parameters, tiny_module
+from reference import decoupled
 from torch import nn
 
 from lightning_wd import WeightDecay, attach_weight_decay
@@ -26,7 +30,7 @@ class HomeMadeAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    decoupled(p, group["lr"], group["weight_decay"])
                     p.add_(p.grad.sign(), alpha=-group["lr"])
 
 
@@ -41,7 +45,7 @@ def train(opt, m, steps=5):
         opt.zero_grad()
         m(x).pow(2).mean().backward()
         opt.step()
-    return torch.cat([p.detach().flatten() for p in m.parameters()])
+    return flat_parameters(m)
 
 
 @pytest.fixture
@@ -99,3 +103,143 @@ def test_transformers_adafactor_with_lr_none_trains_through_the_trainer_as_its_o
     assert t.optimizers[0].param_groups[0]["lr"] is None
     with pytest.raises(Exception, match="lr is None"):
         fit(tiny_module(make), [WeightDecay("independent")], max_steps=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# every registry entry is exercised: by a case of compat_cases.py, or named below with the reason it has none
+# ---------------------------------------------------------------------------------------------------------------------
+def _paths(prefix: str, *names: str) -> list[str]:
+    return [f"{prefix}.{name}" for name in names]
+
+
+_BNB_ADAMW8 = "bitsandbytes.optim.adamw.AdamW8bit"
+_TORCHAO = "torchao.optim.adam._AdamW"
+_SF_ADAMW = "schedulefree.adamw_schedulefree.AdamWScheduleFree"
+_SF_SGD = "schedulefree.sgd_schedulefree.SGDScheduleFree"
+
+#: entry -> the entry with a case to which the same registration loop gave the same decay rule (checked: the same
+#: description); they differ from it in their update, their state (32-bit, paged, 4-bit, fp8) or their closure form,
+#: not in their decay (bitsandbytes' PagedAdamW8bit and torchao's AdamW8bit/AdamW4bit also train in test_gpu.py)
+VARIANTS: dict[str, str] = {
+    **{p: _BNB_ADAMW8 for p in _paths("bitsandbytes.optim", "adam.Adam", "adam.Adam32bit", "adam.PagedAdam",
+                                      "adam.PagedAdam8bit", "adam.PagedAdam32bit", "adamw.AdamW", "adamw.AdamW32bit",
+                                      "adamw.PagedAdamW", "adamw.PagedAdamW8bit", "adamw.PagedAdamW32bit")},
+    **{p: _TORCHAO for p in _paths("torchao.optim.adam", "AdamW8bit", "AdamW4bit", "AdamWFp8")},
+    "heavyball.SGD": "heavyball.AdamW",
+    "optimi.sgd.SGD": "optimi.adam.Adam",
+    "optimi.radam.RAdam": "optimi.adam.Adam",
+    "timm.optim.adamw.AdamWLegacy": "timm.optim.lion.Lion",
+    **{p: _SF_ADAMW for p in _paths("schedulefree", "radam_schedulefree.RAdamScheduleFree",
+                                    "adamw_schedulefree_closure.AdamWScheduleFreeClosure",
+                                    "radam_schedulefree_closure.RAdamScheduleFreeClosure")},
+    **{p: _SF_SGD for p in _paths("schedulefree", "sgd_schedulefree_closure.SGDScheduleFreeClosure",
+                                  "sgd_schedulefree_reference.SGDScheduleFreeReference")},
+}
+
+#: wrappers (checked: their entry names the optimizer they step, `inner`): the decay goes to that optimizer, whose own
+#: entry says how; the hand-off is trained with the Lookahead wrappers in test_holes.py
+WRAPPERS: list[str] = [
+    *_paths("pytorch_optimizer.optimizer", "lookahead.Lookahead", "orthograd.OrthoGrad",
+            "schedulefree.ScheduleFreeWrapper", "trac.TRAC", "magma.Magma", "pcgrad.PCGrad", "sam.SAM", "sam.WSAM",
+            "sam.BSAM", "sam.LookSAM", "sam.FriendlySAM", "sam.GSAM"),
+    *_paths("schedulefree", "wrap_schedulefree.ScheduleFreeWrapper",
+            "wrap_schedulefree_reference.ScheduleFreeWrapperReference"),
+    "timm.optim.lookahead.Lookahead",
+]
+
+#: entry -> the test file that trains it instead (checked: the file names the class)
+ELSEWHERE: dict[str, str] = {
+    "torch.optim.SparseAdam": "test_bad_input.py",  # sparse gradients: the compat runs' dense MLP has none
+    "timm.optim.mars.Mars": "test_holes.py",  # its 1-D parameters step at lr * lr_1d_factor: a model of its own
+}
+
+#: entries no test trains yet, with what they are: each wants a case in compat_cases.py (a new row of the table in
+#: docs/compatibility.md, rendered from the cases)
+NO_CASE_YET: dict[str, str] = {
+    **{p: "bitsandbytes' Lion kernels, `p *= 1 - lr*wd` before a sign update, no case yet"
+       for p in _paths("bitsandbytes.optim.lion", "Lion", "Lion8bit", "Lion32bit", "PagedLion", "PagedLion8bit",
+                       "PagedLion32bit")},
+    **{p: "bitsandbytes' SGD kernels, L2, no case yet" for p in _paths("bitsandbytes.optim.sgd", "SGD", "SGD8bit",
+                                                                       "SGD32bit")},
+    **{p: "torchao's low-bit Adam, L2 (its is_adamw=False), no case yet"
+       for p in _paths("torchao.optim.adam", "Adam8bit", "Adam4bit", "AdamFp8")},
+    "dadaptation.dadapt_sgd.DAdaptSGD": "L2 with the first group's weight_decay for every group, no case yet",
+    "optimi.ranger.Ranger": "optimi's switches, with a Lookahead copy taken in its first step, no case yet",
+    "optimi.adan.Adan": "a proximal decay after the update, no case yet",
+    "pytorch_optimizer.optimizer.ranger.Ranger": "decoupled after gradient centralization, no case yet",
+    "timm.optim.adafactor_bv.AdafactorBigVision": "switches for decoupled, corrected and independent, no case yet",
+    "timm.optim.kron.Kron": "L2 into its preconditioned gradient (decoupled_decay switch), no case yet",
+    "timm.optim.adopt.Adopt": "L2 from its first step (decoupled switch from step 2), no case yet",
+    "schedulefree.adamw_schedulefree_reference.AdamWScheduleFreeReference": "`z -= lr*wd*y`, no case yet",
+}
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _resolve(path: str) -> type | None:
+    """The class an import path names; None where its package is not installed (or this version lacks it)."""
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(compat_cases._import(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+@pytest.fixture(scope="module")
+def cased() -> set[type]:
+    """The class each installed case of compat_cases.py builds, and the class whose entry that one gets (itself, or
+    a base class)."""
+    classes = set()
+    for case in compat_cases.CASES:
+        try:
+            compat_cases._import(case.package)
+        except ImportError:
+            continue  # a package not installed: its classes are skipped below
+        net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cls = type(case.make(net, compat_cases.WD, case.lr))
+        classes |= {cls, rule_for(cls)[1]}
+    return classes - {None}
+
+
+def _defined_in_the_tests(cls: type) -> bool:
+    try:
+        return Path(inspect.getsourcefile(cls) or "").resolve().is_relative_to(TESTS)
+    except TypeError:
+        return False
+
+
+def registry_entries() -> dict[str, type | None]:
+    """Every entry, by its import path: the class it names, None where its package is not installed here. A class
+    registered as a class (not by path) is named by its module and qualified name; classes the tests define and
+    register for themselves are left out."""
+    entries = {path: _resolve(path) for path in registry._BY_PATH}
+    path_rules = {id(rule) for rule in registry._BY_PATH.values()}
+    for cls, rule in registry._BY_CLASS.items():
+        if id(rule) not in path_rules and not _defined_in_the_tests(cls):  # else: a path entry, resolved
+            entries[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    return entries
+
+
+def test_every_registry_entry_has_a_compatibility_case_or_a_reason(cased):
+    named = [*VARIANTS, *WRAPPERS, *ELSEWHERE, *NO_CASE_YET]
+    assert len(named) == len(set(named)), "an entry named twice"
+    installed = {path: cls for path, cls in registry_entries().items() if cls is not None}  # the others: skipped
+    missing = [path for path, cls in installed.items() if cls not in cased and path not in named]
+    assert not missing, f"registered without a case in tests/compat_cases.py or a reason in this test: {missing}"
+    needless = [path for path, cls in installed.items() if cls in cased and path in named]
+    assert not needless, f"these have a case now: take them out of this test's lists: {needless}"
+    assert not set(named) - set(registry._BY_PATH), "named here but not registered"
+    uncased = [path for path in set(VARIANTS.values()) if path in installed and installed[path] not in cased]
+    assert not uncased, f"VARIANTS name these as cased, but they have no case: {uncased}"
+
+
+def test_the_reasons_for_entries_without_a_case_hold():
+    entry = registry._BY_PATH
+    for path, sibling in VARIANTS.items():
+        assert entry[path].description == entry[sibling].description, path
+    assert all(entry[path].inner is not None for path in WRAPPERS)
+    assert "Lookahead" in (TESTS / "test_holes.py").read_text()
+    for path, test_file in ELSEWHERE.items():
+        assert path.rpartition(".")[2] in (TESTS / test_file).read_text(), (path, test_file)

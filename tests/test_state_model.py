@@ -3,9 +3,9 @@ left behind by an exception, checkpoints hold the configured optimizer, a resume
 
 from __future__ import annotations
 
-import math
 import signal
 import warnings
+from functools import partial
 
 import lightning.pytorch as pl
 import pytest
@@ -16,6 +16,7 @@ from helpers import (
     assert_same_weights,
     assert_weights_differ,
     fit,
+    group_settings,
     make_loader,
     make_repeated_loader,
     mlp,
@@ -25,6 +26,7 @@ from helpers import (
 )
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from reference import cosine_schedule, decay_before_step, train_by_hand
 from torch import nn
 from torch.optim import Adam, AdamW
 
@@ -35,8 +37,7 @@ STEPS = 12
 NATIVE = pytest.mark.parametrize("native", [True, False], ids=["native", "generic"])
 
 
-def cosine_wd(step: int) -> float:
-    return WD1 + (WD0 - WD1) * (1 + math.cos(math.pi * step / STEPS)) / 2
+cosine_wd = partial(cosine_schedule, total=STEPS, start=WD0, end=WD1)
 
 
 class CosineWeightDecay(pl.Callback):
@@ -46,10 +47,6 @@ class CosineWeightDecay(pl.Callback):
         for opt in trainer.optimizers:
             for group in opt.param_groups:
                 group["weight_decay"] = cosine_wd(trainer.global_step)
-
-
-def configured(opt) -> list[dict]:
-    return [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
 
 
 def run(cls, callbacks=(), **kw):
@@ -78,14 +75,7 @@ def test_a_schedule_written_into_the_groups_is_followed(mode, cls, ref_cls, nati
 def hand_written_independent_schedule(lr_max: float) -> nn.Module:
     model = seeded(mlp)
     opt = Adam(model.parameters(), lr=LR)
-    for step, (x, y) in enumerate(list(make_loader(96))[:STEPS]):
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.mul_(1 - (LR / lr_max) * cosine_wd(step))
-        opt.step()
-    return model
+    return train_by_hand(model, opt, list(make_loader(96))[:STEPS], decay_before_step("independent", cosine_wd, lr_max))
 
 
 @NATIVE
@@ -177,7 +167,7 @@ def test_an_exception_in_a_step_leaves_the_groups_as_configured(where, exc, mode
         with pytest.raises(Boom):
             t.fit(module, make_loader(96))
     assert t.global_step == 2  # the third step raised
-    (group,) = configured(t.optimizers[0])
+    (group,) = group_settings(t.optimizers[0])
     assert (group["weight_decay"], group["decoupled_weight_decay"]) == (WD0, False)
     # and the checkpoint OnExceptionCheckpoint wrote holds an Adam, not an AdamW
     (saved_group,) = torch.load(saved, weights_only=False)["optimizer_states"][0]["param_groups"]
@@ -193,7 +183,7 @@ def test_plain_attach_a_step_that_raises_puts_the_users_values_back_before_the_e
     model = seeded(mlp)
     opt = RaisingAdam(model.parameters(), lr=LR, weight_decay=WD0)
     handle = attach_weight_decay(opt, native=native)
-    before = configured(opt)
+    before = group_settings(opt)
     assert before[0]["weight_decay"] == WD0 and before[0]["decoupled_weight_decay"] is False
     for i in range(4):
         model(torch.randn(4, 8)).sum().backward()
@@ -202,10 +192,10 @@ def test_plain_attach_a_step_that_raises_puts_the_users_values_back_before_the_e
                 opt.step()
         else:
             opt.step()
-        assert configured(opt) == before  # after every step, the one that raised included
+        assert group_settings(opt) == before  # after every step, the one that raised included
         opt.zero_grad()
     handle.detach()
-    assert configured(opt) == before
+    assert group_settings(opt) == before
 
 
 def test_detach_after_a_raising_step_leaves_the_configured_optimizer():
@@ -215,13 +205,13 @@ def test_detach_after_a_raising_step_leaves_the_configured_optimizer():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         handle = attach_weight_decay(opt)
-    before = configured(opt)
+    before = group_settings(opt)
     model(torch.randn(4, 8)).sum().backward()
     with pytest.raises(Boom):
         opt.step()
-    assert configured(opt) == before
+    assert group_settings(opt) == before
     handle.detach()
-    assert configured(opt) == before
+    assert group_settings(opt) == before
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -246,10 +236,7 @@ def test_a_mid_fit_checkpoint_resumed_without_the_callback_trains_with_the_confi
     ref.load_state_dict(state["state_dict"])
     opt = Adam(ref.parameters(), lr=LR, weight_decay=WD0)
     opt.load_state_dict(state["optimizer_states"][0])
-    for x, y in list(loader)[:3]:
-        opt.zero_grad()
-        nn.functional.mse_loss(ref(x), y).backward()
-        opt.step()
+    train_by_hand(ref, opt, list(loader)[:3])
     assert_same_weights(resumed, ref)
 
 

@@ -28,6 +28,7 @@ from helpers import (
     assert_same_weights,
     assert_weights_differ,
     fit,
+    group_settings,
     make_loader,
     make_repeated_loader,
     mlp,
@@ -40,6 +41,7 @@ from lightning.pytorch.callbacks import BackboneFinetuning, LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from reference import decay_before_step, train_by_hand
 from torch import nn
 from torch.optim import SGD, Adam, AdamW
 from torch.optim.lr_scheduler import LambdaLR, StepLR
@@ -339,8 +341,7 @@ def resume_opt(cls):
 
 
 def taken_over_groups(ckpt_path):
-    state = torch.load(ckpt_path, weights_only=False)
-    return [{k: v for k, v in g.items() if k != "params"} for g in state["optimizer_states"][0]["param_groups"]]
+    return group_settings(torch.load(ckpt_path, weights_only=False)["optimizer_states"][0]["param_groups"])
 
 
 @pytest.mark.parametrize("saved", ["during-fit", "after-fit"])
@@ -608,19 +609,9 @@ def hand_written_independent(wd, lr_max, steps=12):
     """Adam (no decay of its own); before each step ``p *= 1 - (lr_t / lr_max) * wd`` for every p with a grad."""
     model = seeded(mlp)
     opt = Adam(model.parameters(), lr=LR)
-    sched = LambdaLR(opt, warmup_then_decay)
-    batches = list(make_loader(32)) * 3
-    for x, y in batches[:steps]:
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
-        lr_t = opt.param_groups[0]["lr"]
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.mul_(1 - (lr_t / lr_max) * wd)
-        opt.step()
-        sched.step()
-    return model
+    batches = (list(make_loader(32)) * 3)[:steps]
+    rule = decay_before_step("independent", wd, lr_max)
+    return train_by_hand(model, opt, batches, rule, LambdaLR(opt, warmup_then_decay))
 
 
 def independent_opt():

@@ -9,9 +9,10 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from helpers import make_loader, tiny_module
+from helpers import Recording, fit, tiny_module
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
+from reference import decoupled
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_wd import EffectiveLRMonitor, WeightDecay, WeightNormMonitor
@@ -22,29 +23,9 @@ from lightning_wd.weight_norm_monitor import sum_over_shards_
 LR, WD, CLIP = 1e-2, 0.1, 0.05  # CLIP is below the gradient norm of every step here: clipping changes the gradient
 
 
-class Recording(Logger):
-    """Keeps every ``log_metrics`` call: ``calls`` is a list of (step, metrics)."""
-
-    name = "recording"
-    version = 0
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[int, dict[str, float]]] = []
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.calls.append((step, dict(metrics)))
-
-    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def merged(self, prefixes: tuple[str, ...] = ("weight_norm/", "grad_to_weight/", "equilibrium_norm/",
-                                                   "equilibrium_ratio/", "timescale/", "timescale_fraction/")
-               ) -> dict[int, dict[str, float]]:
-        out: dict[int, dict[str, float]] = defaultdict(dict)
-        for step, metrics in self.calls:
-            out[step].update({k: v for k, v in metrics.items() if k.startswith(prefixes)})
-        return {s: m for s, m in out.items() if m}
+#: the keys WeightNormMonitor logs (and the timescale it logs unless WeightDecay does)
+NORM_KEYS = ("weight_norm/", "grad_to_weight/", "equilibrium_norm/", "equilibrium_ratio/", "timescale/",
+             "timescale_fraction/")
 
 
 class Reference(Callback):
@@ -95,7 +76,7 @@ class Lion(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                p.mul_(1 - group["lr"] * group["weight_decay"])
+                decoupled(p, group["lr"], group["weight_decay"])
                 m = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
                 p.add_(torch.sign(torch.lerp(m, p.grad, 1 - b1)), alpha=-group["lr"])
                 m.lerp_(p.grad, 1 - b2)
@@ -186,12 +167,8 @@ def with_scheduler(factory):
 
 
 def run(callbacks: list, optimizer_fn, logger: Logger | None = None, **trainer_kwargs: Any) -> L.Trainer:
-    kwargs = dict(max_steps=STEPS, log_every_n_steps=EVERY, logger=logger if logger is not None else Recording(),
-                  enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
-    kwargs.update(trainer_kwargs)
-    trainer = L.Trainer(callbacks=callbacks, **{"accelerator": "cpu", **kwargs})
-    trainer.fit(tiny_module(optimizer_fn), make_loader())
-    return trainer
+    kwargs = dict(max_steps=STEPS, log_every_n_steps=EVERY, logger=logger if logger is not None else Recording())
+    return fit(tiny_module(optimizer_fn), callbacks, **{**kwargs, **trainer_kwargs})
 
 
 @pytest.mark.filterwarnings("ignore:lightning_wd.*is not in lightning_wd's optimizer registry")
@@ -203,9 +180,10 @@ def test_every_logged_number_matches_a_float64_reference(config):
     ref, logger = Reference(CLIP), Recording()
     # WeightDecay first: its step hooks are registered before the monitor's, the order that would show its L2 term
     # or its decay in what the monitor reads
-    trainer = run([*extra_callbacks(), WeightNormMonitor(per_parameter=True), ref], make_opt, logger, gradient_clip_val=CLIP)
+    trainer = run([*extra_callbacks(), WeightNormMonitor(per_parameter=True), ref], make_opt, logger,
+                  gradient_clip_val=CLIP)
     assert ref.clipped  # the gradient the monitor must report is not the one on_before_optimizer_step sees
-    logged = logger.merged()
+    logged = logger.merged(NORM_KEYS)
     assert sorted(logged) == [1, 3, 5]
     total = trainer.estimated_stepping_batches
     for step, metrics in logged.items():
@@ -256,9 +234,10 @@ def test_gradient_is_unscaled_under_16_mixed(fused):
 
     ref, logger = Scaled(None), Recording()
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
-    run([WeightNormMonitor(per_parameter=True), ref], lambda m: torch.optim.Adam(m.parameters(), lr=LR, fused=fused), logger,
+    run([WeightNormMonitor(per_parameter=True), ref], lambda m: torch.optim.Adam(m.parameters(), lr=LR,
+                                                                                 fused=fused), logger,
         plugins=[plugin])
-    logged = logger.merged()
+    logged = logger.merged(NORM_KEYS)
     assert sorted(logged) == [1, 3, 5]
     for step, metrics in logged.items():
         r = ref.steps[step]
@@ -303,7 +282,8 @@ def counted_fit(monkeypatch, callbacks: list, lr: Any = LR) -> tuple[dict[str, i
 @pytest.mark.parametrize("lr", [LR, lambda: torch.tensor(LR)], ids=["float_lr", "tensor_lr"])
 def test_no_host_read_off_logging_steps_and_one_transfer_on_them(monkeypatch, lr):
     """Against the same fit without the monitor: never logging, it adds no op at all; logging at every step, it adds
-    no ``.item()``, one ``_foreach_norm`` (weights and gradients, at the step) and one ``tolist()`` per step. A tensor lr is
+    no ``.item()``, one ``_foreach_norm`` (weights and gradients,
+                                           at the step) and one ``tolist()`` per step. A tensor lr is
     read in that transfer too (on a GPU it may live on the CPU: one ``tolist()`` per device)."""
     base, base_tolist = counted_fit(monkeypatch, [], lr)
     silent, silent_tolist = counted_fit(monkeypatch, [WeightNormMonitor(log_every_n_steps=1000)], lr)
