@@ -8,6 +8,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from helpers import Recording
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_wd import EffectiveLRMonitor, WeightDecay, WeightNormMonitor, attach_weight_decay
@@ -216,22 +217,6 @@ def test_cuda_low_bit_optimizers_decoupled_native_and_coupled_adapted(name):
 
     assert torch.equal(coupled, loop(lambda p: make(p, 0.0), before_step=l2))
     assert not torch.equal(coupled, ours)
-
-
-class Recording(L.pytorch.loggers.Logger):
-    """Keeps every ``log_metrics`` call: ``calls`` is a list of (step, metrics)."""
-
-    name, version = "recording", 0
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[int, dict[str, float]]] = []
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.calls.append((step, dict(metrics)))
-
-    def log_hyperparams(self, *args, **kwargs) -> None:
-        pass
 
 
 def logged_fit(callbacks, steps=6, sync_check=False):
