@@ -146,6 +146,22 @@ def _muon_groups(model):
 
 DWD = {"decoupled_weight_decay": True}
 
+
+def _kron(**fixed):
+    """timm's Kron (its random draws from its own seeded generator: ``deterministic=True``), with the helpers it
+    compiles (preconditioner update and application, no part of its decay) run eagerly: compiling them costs seconds
+    per test process."""
+
+    def make(model, wd, lr, params=None):
+        optimizer = opt("timm.optim.kron.Kron", deterministic=True, **fixed)(model, wd, lr, params)
+        module = _import("timm.optim.kron")
+        for name in ("_calc_A_and_conjB", "_q_terms", "_precond_grad", "_balance_Q"):
+            setattr(optimizer, name, getattr(module, name))
+        return optimizer
+
+    return make
+
+
 CASES: list[Case] = [
     # torch.optim
     Case("torch SGD (momentum)", "torch", opt("torch.optim.SGD", momentum=0.9), L2_NATIVE),
@@ -227,6 +243,8 @@ CASES: list[Case] = [
     Case("pytorch_optimizer StableAdamW", "pytorch_optimizer", opt(_po("StableAdamW")),
          {"decoupled": native(), "coupled": native(opt(_po("StableAdamW"), weight_decouple=False)),
           "independent": adapted(), "corrected": refused("step size is relative")}),
+    Case("pytorch_optimizer Ranger", "pytorch_optimizer", opt(_po("Ranger")),
+         _decoupled_default(_po("Ranger"), {"weight_decouple": False})),
     Case("pytorch_optimizer Muon", "pytorch_optimizer",
          lambda m, wd, lr, params=None: cls(_po("Muon"))(_muon_groups(m), lr=lr, weight_decay=wd),
          {"decoupled": native(), "coupled": native(lambda m, wd, lr: cls(_po("Muon"))(
@@ -264,6 +282,20 @@ CASES: list[Case] = [
     Case("timm LaProp", "timm.optim.laprop", opt("timm.optim.laprop.LaProp"),
          {"decoupled": native(), "coupled": adapted(), "independent": native(scaled=True),
           "corrected": native(opt("timm.optim.laprop.LaProp", corrected_weight_decay=True), exact=False)}),
+    Case("timm AdafactorBigVision", "timm.optim.adafactor_bv", opt("timm.optim.adafactor_bv.AdafactorBigVision"),
+         {"decoupled": native(), "coupled": adapted(),
+          "independent": native(opt("timm.optim.adafactor_bv.AdafactorBigVision", unscaled_wd=True,
+                                    corrected_weight_decay=True)),
+          "corrected": native(opt("timm.optim.adafactor_bv.AdafactorBigVision", corrected_weight_decay=True))}),
+    Case("timm Kron", "timm.optim.kron", _kron(),
+         {"decoupled": native(_kron(decoupled_decay=True)), "coupled": adapted(),
+          "independent": native(_kron(decoupled_decay=True), scaled=True),
+          "corrected": native(_kron(decoupled_decay=True, corrected_weight_decay=True))},
+         note="preconditioned, then `wd*p` added: not L2"),
+    Case("timm Adopt", "timm.optim.adopt", opt("timm.optim.adopt.Adopt"),
+         {"coupled": native(), "decoupled": native(opt("timm.optim.adopt.Adopt", decoupled=True)),
+          "independent": native(opt("timm.optim.adopt.Adopt", decoupled=True), scaled=True),
+          "corrected": native(opt("timm.optim.adopt.Adopt", decoupled=True, corrected_weight_decay=True))}),
     # torch-optimi
     Case("optimi AdamW", "optimi", opt("optimi.AdamW"),
          {"decoupled": native(), "coupled": adapted(), "independent": native(opt("optimi.AdamW", decouple_lr=True)),
@@ -276,6 +308,12 @@ CASES: list[Case] = [
     Case("optimi StableAdamW", "optimi", opt("optimi.StableAdamW"),
          {"decoupled": native(), "coupled": adapted(), "independent": adapted(),
           "corrected": refused("step size is relative")}),
+    Case("optimi Ranger", "optimi", opt("optimi.Ranger"),
+         {"decoupled": native(), "coupled": native(opt("optimi.Ranger", decouple_wd=False)),
+          "independent": native(opt("optimi.Ranger", decouple_lr=True)), "corrected": native(scaled=True)}),
+    Case("optimi Adan", "optimi", opt("optimi.Adan"),
+         {"decoupled": native(), "coupled": adapted(), "independent": native(opt("optimi.Adan", decouple_lr=True)),
+          "corrected": native(scaled=True)}),
     # lion-pytorch
     Case("lion_pytorch Lion", "lion_pytorch", opt("lion_pytorch.Lion"), _decoupled_default("lion_pytorch.Lion", None)),
     Case("lion_pytorch Lion (decoupled_weight_decay)", "lion_pytorch",
@@ -294,6 +332,9 @@ CASES: list[Case] = [
     Case("dadaptation DAdaptAdaGrad", "dadaptation", opt("dadaptation.DAdaptAdaGrad"),
          {"coupled": native(), "decoupled": refused("dual averaging"), "independent": refused("dual averaging"),
           "corrected": refused("dual averaging")}, lr=1.0),
+    Case("dadaptation DAdaptSGD", "dadaptation", opt("dadaptation.DAdaptSGD"),
+         {"coupled": native(), "decoupled": refused("dual averaging"), "independent": refused("dual averaging"),
+          "corrected": refused("dual averaging")}, lr=1.0),
     # schedulefree
     Case("schedulefree AdamWScheduleFree", "schedulefree", opt("schedulefree.AdamWScheduleFree"),
          {"decoupled": native(), "coupled": adapted(), "independent": native(scaled=True),
@@ -301,6 +342,10 @@ CASES: list[Case] = [
     Case("schedulefree SGDScheduleFree", "schedulefree", opt("schedulefree.SGDScheduleFree"),
          {"coupled": native(), "decoupled": refused("second sequence z"), "independent": refused("second sequence z"),
           "corrected": refused("second sequence z")}, prepare=lambda o: o.train()),
+    Case("schedulefree AdamWScheduleFreeReference", "schedulefree",
+         opt("schedulefree.adamw_schedulefree_reference.AdamWScheduleFreeReference"),
+         {"decoupled": native(), "coupled": adapted(), "independent": native(scaled=True),
+          "corrected": native(scaled=True)}, prepare=lambda o: o.train()),
     # transformers
     Case("transformers Adafactor (defaults, lr=None)", "transformers",
          lambda m, wd, lr: cls("transformers.optimization.Adafactor")(m.parameters(), lr=None, weight_decay=wd),
@@ -321,10 +366,16 @@ CASES: list[Case] = [
     Case("bitsandbytes Adam8bit", "bitsandbytes", opt("bitsandbytes.optim.Adam8bit", min_8bit_size=1),
          {"decoupled": native(), "coupled": adapted(), "independent": native(scaled=True),
           "corrected": native(scaled=True)}),
+    Case("bitsandbytes Lion8bit", "bitsandbytes", opt("bitsandbytes.optim.Lion8bit", min_8bit_size=1),
+         {"decoupled": native(), "coupled": adapted(), "independent": native(scaled=True),
+          "corrected": native(scaled=True)}),
+    Case("bitsandbytes SGD8bit (momentum)", "bitsandbytes", opt("bitsandbytes.optim.SGD8bit", momentum=0.9,
+                                                                min_8bit_size=1), L2_NATIVE),
     # torchao (runs on CPU through torch.compile)
     Case("torchao _AdamW", "torchao.optim", opt("torchao.optim._AdamW"),
          {"decoupled": native(), "coupled": adapted(), "independent": native(scaled=True),
           "corrected": native(scaled=True, exact=False)}),
+    Case("torchao Adam8bit", "torchao.optim", opt("torchao.optim.Adam8bit"), L2_NATIVE),
 ]
 
 

@@ -113,7 +113,10 @@ def _paths(prefix: str, *names: str) -> list[str]:
 
 
 _BNB_ADAMW8 = "bitsandbytes.optim.adamw.AdamW8bit"
+_BNB_LION8 = "bitsandbytes.optim.lion.Lion8bit"
+_BNB_SGD8 = "bitsandbytes.optim.sgd.SGD8bit"
 _TORCHAO = "torchao.optim.adam._AdamW"
+_TORCHAO_L2 = "torchao.optim.adam.Adam8bit"
 _SF_ADAMW = "schedulefree.adamw_schedulefree.AdamWScheduleFree"
 _SF_SGD = "schedulefree.sgd_schedulefree.SGDScheduleFree"
 
@@ -124,7 +127,11 @@ VARIANTS: dict[str, str] = {
     **{p: _BNB_ADAMW8 for p in _paths("bitsandbytes.optim", "adam.Adam", "adam.Adam32bit", "adam.PagedAdam",
                                       "adam.PagedAdam8bit", "adam.PagedAdam32bit", "adamw.AdamW", "adamw.AdamW32bit",
                                       "adamw.PagedAdamW", "adamw.PagedAdamW8bit", "adamw.PagedAdamW32bit")},
+    **{p: _BNB_LION8 for p in _paths("bitsandbytes.optim.lion", "Lion", "Lion32bit", "PagedLion", "PagedLion8bit",
+                                     "PagedLion32bit")},
+    **{p: _BNB_SGD8 for p in _paths("bitsandbytes.optim.sgd", "SGD", "SGD32bit")},
     **{p: _TORCHAO for p in _paths("torchao.optim.adam", "AdamW8bit", "AdamW4bit", "AdamWFp8")},
+    **{p: _TORCHAO_L2 for p in _paths("torchao.optim.adam", "Adam4bit", "AdamFp8")},
     "heavyball.SGD": "heavyball.AdamW",
     "optimi.sgd.SGD": "optimi.adam.Adam",
     "optimi.radam.RAdam": "optimi.adam.Adam",
@@ -155,23 +162,7 @@ ELSEWHERE: dict[str, str] = {
 
 #: entries no test trains yet, with what they are: each wants a case in compat_cases.py (a new row of the table in
 #: docs/compatibility.md, rendered from the cases)
-NO_CASE_YET: dict[str, str] = {
-    **{p: "bitsandbytes' Lion kernels, `p *= 1 - lr*wd` before a sign update, no case yet"
-       for p in _paths("bitsandbytes.optim.lion", "Lion", "Lion8bit", "Lion32bit", "PagedLion", "PagedLion8bit",
-                       "PagedLion32bit")},
-    **{p: "bitsandbytes' SGD kernels, L2, no case yet" for p in _paths("bitsandbytes.optim.sgd", "SGD", "SGD8bit",
-                                                                       "SGD32bit")},
-    **{p: "torchao's low-bit Adam, L2 (its is_adamw=False), no case yet"
-       for p in _paths("torchao.optim.adam", "Adam8bit", "Adam4bit", "AdamFp8")},
-    "dadaptation.dadapt_sgd.DAdaptSGD": "L2 with the first group's weight_decay for every group, no case yet",
-    "optimi.ranger.Ranger": "optimi's switches, with a Lookahead copy taken in its first step, no case yet",
-    "optimi.adan.Adan": "a proximal decay after the update, no case yet",
-    "pytorch_optimizer.optimizer.ranger.Ranger": "decoupled after gradient centralization, no case yet",
-    "timm.optim.adafactor_bv.AdafactorBigVision": "switches for decoupled, corrected and independent, no case yet",
-    "timm.optim.kron.Kron": "L2 into its preconditioned gradient (decoupled_decay switch), no case yet",
-    "timm.optim.adopt.Adopt": "L2 from its first step (decoupled switch from step 2), no case yet",
-    "schedulefree.adamw_schedulefree_reference.AdamWScheduleFreeReference": "`z -= lr*wd*y`, no case yet",
-}
+NO_CASE_YET: dict[str, str] = {}
 
 TESTS = Path(__file__).resolve().parent
 

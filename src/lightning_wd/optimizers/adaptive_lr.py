@@ -113,7 +113,8 @@ def _groups_disagree(optimizer: Optimizer, group: Group, rule: str) -> str | Non
 register_optimizer("dadaptation.dadapt_sgd.DAdaptSGD", OptimizerRule(
     own="coupled", step_size=None, exact_generic=False, refuse=_groups_disagree,
     generic_refusal=lambda o, g, rule: None if rule == "coupled" else _DUAL_AVERAGING.format("DAdaptSGD"),
-    description="L2 in place, with the weight_decay of the first group for every group, not at its first step",
+    description="L2 in place at every step (its first-gradient norm leaves it out), with the first group's"
+                " weight_decay for every group",
 ))
 register_optimizer("dadaptation.dadapt_adagrad.DAdaptAdaGrad", OptimizerRule(
     own="coupled", step_size=None,
