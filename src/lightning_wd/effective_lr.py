@@ -655,8 +655,8 @@ def rate_statistics(
         one_device = all(s.device == specs[0].device for s in specs)  # the kernels work on one device per call
         interpret = specs[0].device.type == "cpu"
         if rate_triton.HAS_TRITON and one_device and all(rate_triton.triton_accepts(s, interpret) for s in specs):
-            return rate_triton.triton_rate_statistics(specs, per_parameter, per_group, tokens, reduce, bucket_of,
-                                                      n_buckets)
+            return rate_triton.checked_rate_statistics(specs, per_parameter, per_group, tokens, reduce, bucket_of,
+                                                       n_buckets)
     return _eager_rate_statistics(specs, per_parameter, per_group, tokens, reduce, bucket_of, n_buckets)
 
 

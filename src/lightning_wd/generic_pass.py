@@ -99,17 +99,21 @@ class GenericPass:
             elif self.config.mode == "coupled":
                 l2 = -wd if group.get("maximize", False) else wd
                 add_l2_to_grads_(params, [p.grad for p in params], l2, grad_scale)
-            elif buckets is not None and not self.uncorrected and self.rule.param_step_factor is None:
-                # the common case at its least host work: the kept (device, dtype) groups, one multiply each
-                generator = self._generator(index, group) if self.config.stochastic_rounding else None
-                for (device, dtype), (tensors,) in buckets.items():
-                    shrink_bucket_(tensors, device, dtype, 1 - x, found_inf, self.config.stochastic_rounding,
-                                   generator)
             else:
-                generator = self._generator(index, group) if self.config.stochastic_rounding else None
-                for subset, shrink in self.shrinks(group, params, wd, x):
-                    decay_weights_(subset, shrink, 1.0, skip=found_inf,
-                                   stochastic_rounding=self.config.stochastic_rounding, generator=generator)
+                self._shrink(index, group, params, buckets, wd, x, found_inf)
+
+    def _shrink(self, index: int, group: dict[str, Any], params: list[Tensor], buckets: dict | None, wd: Any,
+                x: Scalar, found_inf: Any) -> None:
+        """``p *= 1 - x``; the common case (one shrink for the whole group, its grouping kept) at its least host
+        work: one multiply per kept (device, dtype) group."""
+        rounding = self.config.stochastic_rounding
+        generator = self._generator(index, group) if rounding else None
+        if buckets is not None and not self.uncorrected and self.rule.param_step_factor is None:
+            for (device, dtype), (tensors,) in buckets.items():
+                shrink_bucket_(tensors, device, dtype, 1 - x, found_inf, rounding, generator)
+            return
+        for subset, shrink in self.shrinks(group, params, wd, x):
+            decay_weights_(subset, shrink, 1.0, skip=found_inf, stochastic_rounding=rounding, generator=generator)
 
     def shrinks(self, group: Mapping[str, Any], params: list[Tensor], wd: Any, x: Scalar
                 ) -> list[tuple[list[Tensor], Scalar]]:

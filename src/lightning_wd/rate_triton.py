@@ -59,7 +59,7 @@ except ImportError:  # pragma: no cover - depends on the install
 #: whether Triton is installed; without it :func:`triton_accepts` is always ``False``
 HAS_TRITON: bool = triton is not None
 
-__all__ = ["HAS_TRITON", "TILE", "triton_accepts", "triton_rate_statistics"]
+__all__ = ["HAS_TRITON", "TILE", "checked_rate_statistics", "triton_accepts", "triton_rate_statistics"]
 
 #: elements per tile of a program's loop: 16 per thread of its 4 warps (four 16-byte loads of fp32 in flight)
 TILE: int = 2048
@@ -457,6 +457,15 @@ def triton_rate_statistics(
     if any(t is not None for t in tokens) and reduce is None:
         raise ValueError("sharded specs need a `reduce`")
 
+    return checked_rate_statistics(specs, per_parameter, per_group, tokens, reduce, bucket_of, n_buckets)
+
+
+def checked_rate_statistics(specs: Sequence[RateSpec], per_parameter: bool, per_group: bool,
+                            tokens: list[Hashable | None], reduce: Callable[[Partials, Any], None] | None,
+                            bucket_of: list[int | None], n_buckets: int) -> Tensor:
+    """:func:`triton_rate_statistics` for arguments already checked (``rate_statistics`` vets every spec before it
+    chooses this pass: a second check would repeat that host work at each logging step)."""
+    device = specs[0].fill.flat.device
     with _device_guard(device):
         return _statistics(specs, per_parameter, per_group, tokens, reduce, bucket_of, n_buckets, device)
 

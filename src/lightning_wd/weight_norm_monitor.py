@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_wd.attach import attached_to
 from lightning_wd.callback_base import Reported, StepCallback, check_selection, reported_parameters, to_host
 from lightning_wd.optimizers import Equilibrium, rule_for
 from lightning_wd.sharding import check_no_fsdp1, sum_over_shards_
@@ -110,11 +111,12 @@ class WeightNormMonitor(StepCallback):
     that are decayed, for the optimizers whose registry entry names the form (``torch.optim`` Adam/AdamW without
     AMSGrad and SGD, the Lion implementations).
 
-    The decay is what each step really applies: read from a :class:`~lightning_wd.WeightDecay` callback when one is
-    in the Trainer (its mode, schedule and exclusions), else from the optimizer's own ``weight_decay`` as its entry
-    in :mod:`lightning_wd.optimizers` says. A coupled (L2) decay has no per-step shrink factor: it logs no timescale
-    (the equilibrium norms of Adam + L2 and SGD still follow). When a ``WeightDecay`` logs the ``timescale/…`` keys
-    itself, this monitor does not log them a second time.
+    The decay is what each step really applies: read from the weight decay attached to the optimizer (a
+    :class:`~lightning_wd.WeightDecay` callback, or :func:`~lightning_wd.attach_weight_decay`: its mode, schedule and
+    exclusions), else from the optimizer's own ``weight_decay`` as its entry in :mod:`lightning_wd.optimizers` says.
+    A coupled (L2) decay has no per-step shrink factor: it logs no timescale (the equilibrium norms of Adam + L2 and
+    SGD still follow). When a ``WeightDecay`` logs the ``timescale/…`` keys itself, this monitor does not log them a
+    second time.
 
     Any optimizer works: the norms need no optimizer state. Nothing is computed on other steps (the monitor's step
     listener is armed for logging batches only). On a logging step it is one batched ``torch._foreach_norm`` over the
@@ -165,7 +167,8 @@ class WeightNormMonitor(StepCallback):
     # --- the decay each group gets ------------------------------------------------------------------------------
     def _plan(self, optimizer: Optimizer) -> _Record:
         record = _Record([])
-        attached = self._attached(optimizer)
+        # looked up at each logging step: WeightDecay attaches in its own on_fit_start, which may run after ours
+        attached = attached_to(optimizer)
 
         def keep(value: Any) -> Any:  # a tensor (a tensor lr) is read in the batch's one transfer, not now
             if isinstance(value, Tensor):
@@ -185,16 +188,6 @@ class WeightNormMonitor(StepCallback):
     @staticmethod
     def _form(optimizer: Optimizer, group: dict[str, Any]) -> Equilibrium | None:
         return rule_for(optimizer)[0].form(optimizer, group)
-
-    def _attached(self, optimizer: Optimizer) -> Any:
-        """The attachment of a WeightDecay callback to ``optimizer`` (looked up at each logging step: the callback
-        attaches in its own ``on_fit_start``, which may run after this one's)."""
-        for cb in self._trainer.callbacks if self._trainer else ():
-            if isinstance(cb, WeightDecay):
-                for attached in cb.attached:
-                    if attached.optimizer is optimizer:
-                        return attached
-        return None
 
     # --- after the batch: one transfer, then the loggers ---------------------------------------------------------
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
