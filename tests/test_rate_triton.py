@@ -355,19 +355,80 @@ def test_many_sharded_rows_are_reduced_in_blocks():
 
 
 def test_many_whole_parameters_span_blocks():
-    """Whole parameters are held in blocks sized by their grids: many small ones to a block, fewer large ones, the
-    partials of a block never more than those of BLOCK_ROWS full grids."""
+    """Whole parameters are held in blocks sized by their grids, largest first: many small ones to a block, fewer
+    large ones, the partials of a block never more than those of BLOCK_ROWS full grids."""
     cap = rt._max_programs(DEVICE)
     per_block = min(el.BLOCK_ROWS * cap, rt._MAX_BLOCK_ROWS)
     small = [5 + k % 300 for k in range(per_block + 3)]
     sizes = small + [cap * TILE] * (el.BLOCK_ROWS + 1) + [1, 2]
-    blocks = rt._blocks([None] * len(sizes), [min(-(-n // TILE), cap) for n in sizes], cap)
-    assert [i for b in blocks for i in b.index] == list(range(len(sizes)))
+    grids = [min(-(-n // TILE), cap) for n in sizes]
+    blocks = rt._blocks([None] * len(sizes), grids, cap)
+    order = [i for b in blocks for i in b.index]
+    assert order == sorted(range(len(sizes)), key=lambda i: -grids[i])  # each once, largest grid first, stable
     assert all(len(b.index) * b.programs <= el.BLOCK_ROWS * cap for b in blocks)
-    assert len(blocks[0].index) == per_block and len(blocks) >= 3
+    # BLOCK_ROWS large ones; the last large one and as many small ones as its grid leaves room for; the rest
+    assert [len(b.index) for b in blocks] == [el.BLOCK_ROWS, el.BLOCK_ROWS, len(sizes) - 2 * el.BLOCK_ROWS]
+    assert [b.programs for b in blocks] == [cap, cap, 1]
     us = [spread(n, 3, seed=k, low=-9 + k % 5) for k, n in enumerate(small)]
     got = triton_rate_statistics([spec_of(u) for u in us])
     assert_matches(got, reference([reference_rates(u, 3e-4, 1e-8) for u in us]))
+
+
+def test_one_block_of_mixed_states_gives_each_row_its_own():
+    """One block of states of every kind the kernels take, in an order their grids change (largest first in the
+    block, so the rows go back through the index), with dtypes, fills, tensor and host scalars, a host eps of 0 and
+    a misaligned view side by side: each row is its spec's, in the specs' order."""
+    buf = spread(3 * TILE + 60, seed=21)
+    states = [(spread(700, 3, seed=1, low=-9), 3e-4, 1e-8, True),
+              (buf[1:], torch.tensor(2e-3, device=DEVICE), 1e-8, True),  # not 16-byte aligned
+              (spread(0), 3e-4, 1e-8, True),
+              (spread(2 * TILE + 16, 4, seed=3, low=-7).to(torch.bfloat16), 1e-3, 0.0, True),
+              (spread(40, 2, seed=4, low=-5).half(), 1e-3, torch.tensor(1e-6, dtype=torch.float64, device=DEVICE),
+               False),
+              (spread(WRAP, 5, seed=5, low=-11), 3e-4, 1e-8, True)]
+    specs = [spec_of(u, scale, eps, root) for u, scale, eps, root in states]
+    grids = [rt._grid(spec, rt._max_programs(DEVICE)) for spec in specs]
+    assert [i for b in rt._blocks([None] * len(specs), grids, rt._max_programs(DEVICE)) for i in b.index] != list(
+        range(len(specs)))
+    want = reference([reference_rates(u, scale, eps, root) for u, scale, eps, root in states])
+    assert_matches(triton_rate_statistics(specs), want)
+    assert_matches(triton_rate_statistics(specs, buckets=[0, 1, 0, None, 1, 0], n_buckets=2),
+                   reference([reference_rates(u, scale, eps, root) for u, scale, eps, root in states],
+                             buckets=[0, 1, 0, None, 1, 0], n_buckets=2))
+
+
+class Launches:
+    """Counts the launches of both kernels (``kernel[grid](...)``) and the grids they get."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.grids: dict[str, list[tuple[int, ...]]] = {"_coarse_kernel": [], "_fine_kernel": []}
+        for name, grids in self.grids.items():
+            monkeypatch.setattr(rt, name, self._counted(getattr(rt, name), grids))
+
+    @staticmethod
+    def _counted(kernel, grids):
+        class Counted:
+            def __getitem__(self, grid):
+                grids.append(tuple(grid))
+                return kernel[grid]
+        return Counted()
+
+
+def test_one_launch_per_phase_for_a_group_of_like_states(monkeypatch):
+    """The host cost of the pass does not grow with the parameters' count by a launch each: states of one dtype
+    and fill, with host scalars, are one launch per phase (a grid of programs x rows); a bf16 state and a state
+    that is not 16-byte aligned need kernels of their own, one more launch per phase each."""
+    us = [spread(n, 3, seed=n, low=-9 + n % 5) for n in (16, 32, 512, 2 * TILE, 48, 3 * TILE)]
+    launches = Launches(monkeypatch)
+    got = triton_rate_statistics([spec_of(u) for u in us])
+    assert launches.grids == {"_coarse_kernel": [(3, 6)], "_fine_kernel": [(3, 6)]}
+    assert_matches(got, reference([reference_rates(u, 3e-4, 1e-8) for u in us]))
+
+    mixed = [*us, us[0].bfloat16(), spread(TILE + 1, seed=7)[1:]]
+    launches = Launches(monkeypatch)
+    triton_rate_statistics([spec_of(u) for u in mixed])
+    assert sorted(launches.grids["_coarse_kernel"]) == [(3, 1), (3, 1), (3, 6)]
+    assert len(launches.grids["_fine_kernel"]) == 3
 
 
 class TwoRanks:
@@ -560,3 +621,55 @@ def test_no_host_read():
         if CUDA:
             torch.cuda.set_sync_debug_mode(0)
     assert HostReads.count == 0
+
+
+# --- the kernels as a GPU compiles them -----------------------------------------------------------------------------
+_COMPILE = r"""
+import re, sys
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from lightning_wd import rate_triton as rt
+
+ptrs = {"table": "*i64", "part_ptr": "*fp64"}
+fine = {**ptrs, "octave_ptr": "*i64", "bucket_ptr": "*i64", "bucket_octave_ptr": "*i64", "group_octave_ptr": "*i64"}
+slots = {"ROW_SLOT": 2, "BUCKET_SLOT": 1, "GROUP_SLOT": 0, "WIDTH": 384, "NBINS": 512}
+for capability in (int(c) for c in sys.argv[1:]):
+    for key in (rt._LaunchKey(*k) for k in [
+            (torch.float32, True, None, None, True, True),
+            (torch.bfloat16, False, torch.float32, torch.float64, True, False)]):
+        constexprs = {k: v for k, v in rt._constexprs(key).items() if k != "num_warps"}
+        for kernel, signature, extra in ((rt._coarse_kernel, ptrs, {}), (rt._fine_kernel, fine, slots)):
+            consts = {**constexprs, **extra}
+            src = triton.compiler.ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(consts, "constexpr")},
+                                            constexprs=consts)
+            ptx = triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                                 options={"num_warps": rt._NUM_WARPS}).asm["ptx"]
+            loads = set(re.findall(r"ld\.global\.(v4|v2)?", ptx))
+            print(kernel.__name__, capability, key.aligned, "v4" in loads or "v2" in loads)
+"""
+
+
+def test_the_kernels_compile_for_cuda_gpus(tmp_path):
+    """Both kernels, for the kinds of launch key, compiled ahead of time for an A100 and an H100/H200 (``sm_80``,
+    ``sm_90``) as Triton compiles them on a GPU, here without one: a kernel that only the interpreter takes would
+    otherwise first fail on a user's GPU. An aligned key loads 16 bytes at a time (vector loads), as a pointer
+    argument of Triton's own alignment would."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    backends = importlib.util.find_spec("triton.backends.nvidia")
+    if backends is None:
+        pytest.skip("this Triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "-c", _COMPILE, "80", "90"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = sorted(done.stdout.split("\n")[:-1])
+    assert len(lines) == 8
+    for line in lines:
+        name, capability, aligned, vector = line.split()
+        assert vector == aligned, line  # vector loads exactly where the key says the state is aligned

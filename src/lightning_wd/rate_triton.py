@@ -18,8 +18,15 @@ per program keeps the histograms free of global atomics: ``tl.histogram`` counts
 shared-memory adds, whatever the clustering. That counting, not the memory, bounds the kernels. Measured on an H200
 (torch 2.11, Triton 3.6): 16 Adam states of 16.8M fp32 elements take 3.1 ms (kernels 1.2 + 1.5 ms, 0.9 and 0.7 TB/s
 of state read; 3.7 ms with module buckets, whose phase 2 counts three targets), against 41 ms for the eager pass and
-2.1 ms for a fused AdamW step over the same parameters. A launch costs ~18 us of host time, so a small parameter
-costs ~50 us in all (2,000 parameters of 4,096 elements: 100 ms, against 480 ms for the eager pass).
+2.1 ms for a fused AdamW step over the same parameters.
+
+A launch costs ~18 us of host time there, so the kernels take many states at once: a launch table (one row of
+int64 words per state: its address, length, scale and eps) is uploaded once per call, and each kernel runs on a
+grid of programs x rows, one launch per phase for all the states of a block that share a dtype, a fill, the kinds
+of their scalars and 16-byte alignment (the one launch per state per phase before cost ~50 us per small parameter:
+2,000 parameters of 4,096 elements took 100 ms). A state's address from the table carries no alignment that Triton
+can see, so the kernel states it (``tl.multiple_of``) where the host checked it, and loads 16 bytes at a time as it
+would from a pointer argument. The kernels compile for ``sm_80`` and ``sm_90`` in the tests, without a GPU.
 
 :func:`triton_accepts` says which :class:`~lightning_wd.effective_lr.RateSpec` the kernels may read (a plain dense
 state behind a root or copy ``fill``, on a CUDA device); :func:`triton_rate_statistics` is ``rate_statistics`` for a
@@ -30,8 +37,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import struct
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -81,6 +89,10 @@ assert _OCTAVES <= _BINS
 # buffer of 16-byte aligned rows holds them all
 _COARSE = 4 + _BINS
 
+# a row of a launch table (int64 words): the state's address, its numel, its scale and eps (each the address of a
+# 0-dim tensor or the fp64 bits of a host number), and the row's index in its block
+_COLUMNS = 5
+
 _STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SCALAR_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
@@ -94,16 +106,35 @@ if HAS_TRITON:
     _LAST_C = tl.constexpr(_LAST_BIN_BITS)
     _BINS_C = tl.constexpr(_BINS)
     _COARSE_C = tl.constexpr(_COARSE)
+    _COLUMNS_C = tl.constexpr(_COLUMNS)
+    _TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
+                  torch.float16: tl.float16}
 
     @triton.jit
-    def _scalar(x, IS_PTR: tl.constexpr):
-        """A RateSpec's scale or eps in fp32: read from its 0-dim tensor, or the host number (fp32 on a GPU;
-        a Python float under the interpreter, rounded here once, as torch rounds a scalar to the tensor's dtype)."""
+    def _scalar(word, IS_PTR: tl.constexpr, DTYPE: tl.constexpr):
+        """A RateSpec's scale or eps in fp32, from its word of a launch table: the address of its 0-dim tensor (read
+        here, never on the host), or the fp64 bits of the host number, rounded to fp32 as torch rounds a scalar to
+        the tensor's dtype (and as Triton rounds a float argument)."""
         if IS_PTR:
-            v = tl.load(x).to(tl.float32)
+            v = tl.load(word.to(tl.pointer_type(DTYPE))).to(tl.float32)
         else:
-            v = tl.cast(x, tl.float32)
+            v = word.to(tl.float64, bitcast=True).to(tl.float32)
         return v
+
+    @triton.jit
+    def _table_row(table, U_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, SCALE_PTR: tl.constexpr,
+                   SCALE_DTYPE: tl.constexpr, EPS_PTR: tl.constexpr, EPS_DTYPE: tl.constexpr):
+        """The state, its length, scale and eps, and its row in the block, of this program's row of a launch table
+        (``_COLUMNS`` int64 words per row, see ``_TritonPass.blocks``)."""
+        row = table + tl.program_id(1) * _COLUMNS_C
+        u_ptr = tl.load(row).to(tl.pointer_type(U_DTYPE))
+        numel = tl.load(row + 1)
+        if ALIGNED:  # what Triton assumes of a pointer argument at 16 bytes: 16-byte loads
+            u_ptr = tl.multiple_of(u_ptr, 16)
+            numel = tl.multiple_of(numel, 16)
+        scale = _scalar(tl.load(row + 2), SCALE_PTR, SCALE_DTYPE)
+        eps = _scalar(tl.load(row + 3), EPS_PTR, EPS_DTYPE)
+        return u_ptr, numel, scale, eps, tl.load(row + 4)
 
     @triton.jit
     def _rate(u_ptr, offs, mask, scale, eps, ROOT: tl.constexpr, ADD_EPS: tl.constexpr):
@@ -124,24 +155,26 @@ if HAS_TRITON:
         b = rate.to(tl.int32, bitcast=True) >> _SHIFT_C
         return tl.minimum(tl.maximum(b, _FIRST_C), _LAST_C) - _FIRST_C
 
-    @triton.jit(do_not_specialize=["part_offset"])
-    def _coarse_kernel(u_ptr, numel, scale, eps, part_ptr, part_offset, ROOT: tl.constexpr, SCALE_PTR: tl.constexpr,
-                       EPS_PTR: tl.constexpr, ADD_EPS: tl.constexpr, TILE: tl.constexpr):
-        """Phase 1: each program's partial ``[min, max, sum, count, counts per octave]`` over its tiles, into row
-        ``program_id`` of the rows at ``part_ptr + part_offset`` (fp64, ``_COARSE`` per row)."""
+    @triton.jit
+    def _coarse_kernel(table, part_ptr, U_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, ROOT: tl.constexpr,
+                       SCALE_PTR: tl.constexpr, SCALE_DTYPE: tl.constexpr, EPS_PTR: tl.constexpr,
+                       EPS_DTYPE: tl.constexpr, ADD_EPS: tl.constexpr, TILE: tl.constexpr):
+        """Phase 1, for every row of a launch table at once (grid: programs per row x rows): each program's partial
+        ``[min, max, sum, count, counts per octave]`` over its tiles of its row's state, into its slot of the
+        block's partials at ``part_ptr`` (fp64, ``[rows, programs, _COARSE]``). A program past its state's tiles
+        writes the partial of no elements."""
         pid = tl.program_id(0)
-        s = _scalar(scale, SCALE_PTR)
-        e = _scalar(eps, EPS_PTR)
+        u_ptr, numel, s, e, row = _table_row(table, U_DTYPE, ALIGNED, SCALE_PTR, SCALE_DTYPE, EPS_PTR, EPS_DTYPE)
         lanes = tl.arange(0, TILE)
         # elementwise accumulators, reduced once at the end: a reduction per tile would cost a barrier per tile
         mn = tl.full([TILE], float("inf"), tl.float32)
         mx = tl.full([TILE], float("-inf"), tl.float32)
         total = tl.zeros([TILE], tl.float64)  # fp64 lanes: the mean exact to ~1e-15, whatever the loop's length
         counts = tl.zeros([_BINS_C], tl.int64)  # int64: a program's count may pass 2**31 on a huge tensor
-        tile = pid
+        tile = pid.to(tl.int64)
         # a `while`: a `for` over a runtime range fails in Triton 3.6's interpreter on NumPy 2.4 (triton#9171)
         while tile < tl.cdiv(numel, TILE):
-            offs = tile.to(tl.int64) * TILE + lanes
+            offs = tile * TILE + lanes
             mask = offs < numel
             r = _rate(u_ptr, offs, mask, s, e, ROOT, ADD_EPS)
             mn = tl.minimum(mn, tl.where(mask, r, float("inf")), propagate_nan=tl.PropagateNan.ALL)
@@ -149,25 +182,27 @@ if HAS_TRITON:
             total += tl.where(mask, r, 0.0).to(tl.float64)
             counts += tl.histogram(_bin(r) >> _MANTISSA_BITS_C, _BINS_C, mask=mask).to(tl.int64)
             tile += tl.num_programs(0)
-        row = part_ptr + part_offset + pid * _COARSE_C
+        out = part_ptr + (row * tl.num_programs(0) + pid) * _COARSE_C
         # NaN-propagating, as torch.aminmax: a lane that met a NaN holds it (propagate_nan above); tl.min and tl.max
         # may drop it (minnum on a GPU), and a reduction with a NaN-propagating combine runs element by element in
         # the interpreter
         nan = tl.max((mn != mn).to(tl.int32), 0) > 0
-        tl.store(row, tl.where(nan, float("nan"), tl.min(mn, 0)).to(tl.float64))
-        tl.store(row + 1, tl.where(nan, float("nan"), tl.max(mx, 0)).to(tl.float64))
-        tl.store(row + 2, tl.sum(total, 0))
-        tl.store(row + 3, tl.sum(counts, 0).to(tl.float64))
-        tl.store(row + 4 + tl.arange(0, _BINS_C), counts.to(tl.float64))
+        tl.store(out, tl.where(nan, float("nan"), tl.min(mn, 0)).to(tl.float64))
+        tl.store(out + 1, tl.where(nan, float("nan"), tl.max(mx, 0)).to(tl.float64))
+        tl.store(out + 2, tl.sum(total, 0))
+        tl.store(out + 3, tl.sum(counts, 0).to(tl.float64))
+        tl.store(out + 4 + tl.arange(0, _BINS_C), counts.to(tl.float64))
 
-    @triton.jit(do_not_specialize=["row", "bucket", "part_offset"])
-    def _fine_kernel(u_ptr, numel, scale, eps, octave_ptr, row, bucket_octave_ptr, bucket, group_octave_ptr, part_ptr,
-                     part_offset, ROOT: tl.constexpr, SCALE_PTR: tl.constexpr, EPS_PTR: tl.constexpr,
+    @triton.jit
+    def _fine_kernel(table, part_ptr, octave_ptr, bucket_ptr, bucket_octave_ptr, group_octave_ptr,
+                     U_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, ROOT: tl.constexpr, SCALE_PTR: tl.constexpr,
+                     SCALE_DTYPE: tl.constexpr, EPS_PTR: tl.constexpr, EPS_DTYPE: tl.constexpr,
                      ADD_EPS: tl.constexpr, ROW_SLOT: tl.constexpr, BUCKET_SLOT: tl.constexpr,
                      GROUP_SLOT: tl.constexpr, WIDTH: tl.constexpr, NBINS: tl.constexpr, TILE: tl.constexpr):
-        """Phase 2: each program's counts of the 128 bins of the median's octave of each target, into row
-        ``program_id`` of the rows at ``part_ptr + part_offset`` (fp64, ``WIDTH`` per row, 128 per slot): the row's
-        (``octave_ptr[row]``), its bucket's (``bucket_octave_ptr[bucket]``) and the group's (``*group_octave_ptr``),
+        """Phase 2, for every row of a launch table at once: each program's counts of the 128 bins of the median's
+        octave of each target, into its slot of the block's partials at ``part_ptr`` (fp64, ``[rows, programs,
+        WIDTH]``, 128 per target): the row's (``octave_ptr[row]``), its bucket's
+        (``bucket_octave_ptr[bucket_ptr[row]]``, -1 for a row of no bucket) and the group's (``*group_octave_ptr``),
         each where its slot is not -1.
 
         One histogram of ``NBINS`` (slots x 128, to a power of two) for all of them: an element counts once, in the
@@ -175,20 +210,19 @@ if HAS_TRITON:
         common case: a parameter's median near the group's), the later target's counts are all in the earlier's
         slot, and the caller reads them from there."""
         pid = tl.program_id(0)
-        s = _scalar(scale, SCALE_PTR)
-        e = _scalar(eps, EPS_PTR)
+        u_ptr, numel, s, e, row = _table_row(table, U_DTYPE, ALIGNED, SCALE_PTR, SCALE_DTYPE, EPS_PTR, EPS_DTYPE)
         lanes = tl.arange(0, TILE)
         if ROW_SLOT >= 0:
             row_octave = tl.load(octave_ptr + row).to(tl.int32)
         if BUCKET_SLOT >= 0:
-            bucket_octave = tl.load(bucket_octave_ptr + bucket).to(tl.int32)
+            bucket_octave = tl.load(bucket_octave_ptr + tl.load(bucket_ptr + row)).to(tl.int32)
         if GROUP_SLOT >= 0:
             group_octave = tl.load(group_octave_ptr).to(tl.int32)
         counts = tl.zeros([NBINS], tl.int64)
-        tile = pid
+        tile = pid.to(tl.int64)
         # a `while`: a `for` over a runtime range fails in Triton 3.6's interpreter on NumPy 2.4 (triton#9171)
         while tile < tl.cdiv(numel, TILE):
-            offs = tile.to(tl.int64) * TILE + lanes
+            offs = tile * TILE + lanes
             mask = offs < numel
             b = _bin(_rate(u_ptr, offs, mask, s, e, ROOT, ADD_EPS))
             octave = b >> _MANTISSA_BITS_C
@@ -209,7 +243,8 @@ if HAS_TRITON:
             counts += tl.histogram(key, NBINS, mask=take & mask).to(tl.int64)
             tile += tl.num_programs(0)
         bins = tl.arange(0, NBINS)
-        tl.store(part_ptr + part_offset + pid * WIDTH + bins, counts.to(tl.float64), mask=bins < WIDTH)
+        out = part_ptr + (row * tl.num_programs(0) + pid) * WIDTH
+        tl.store(out + bins, counts.to(tl.float64), mask=bins < WIDTH)
 
     _INTERPRETED = isinstance(_coarse_kernel, InterpretedFunction)
 else:  # pragma: no cover - depends on the install
@@ -284,15 +319,46 @@ def _max_programs(device: torch.device) -> int:
     return _INTERPRET_PROGRAMS
 
 
-def _launch_args(spec: RateSpec, max_programs: int) -> tuple[int, tuple[Any, ...], dict[str, Any]]:
-    """The grid, the state and scalar arguments, and the constexprs of ``spec``'s kernels (the same for both)."""
-    fill = spec.fill
-    scale, eps = spec.scale, spec.eps
-    scale_ptr, eps_ptr = isinstance(scale, Tensor), isinstance(eps, Tensor)
-    add_eps = eps_ptr or eps != 0  # as `_rate_`: a host eps of 0 is not added
-    args = (fill.flat, spec.numel, scale if scale_ptr else float(scale), eps if eps_ptr else float(eps))
-    grid = min(-(-spec.numel // TILE), max_programs)
-    return grid, args, {"ROOT": fill.root, "SCALE_PTR": scale_ptr, "EPS_PTR": eps_ptr, "ADD_EPS": add_eps}
+class _LaunchKey(NamedTuple):
+    """What a kernel is compiled for: the specs of a launch table share it."""
+
+    dtype: torch.dtype  # the state's
+    root: bool  # the fill's
+    scale_dtype: torch.dtype | None  # a 0-dim tensor's, None for a host number
+    eps_dtype: torch.dtype | None
+    add_eps: bool  # False for a host eps of 0, as in `_rate_`
+    aligned: bool  # a 16-byte aligned state of a multiple of 16 elements: 16-byte loads
+
+    @classmethod
+    def of(cls, spec: RateSpec) -> _LaunchKey:
+        flat, scale, eps = spec.fill.flat, spec.scale, spec.eps
+        eps_dtype = eps.dtype if isinstance(eps, Tensor) else None
+        return cls(flat.dtype, spec.fill.root, scale.dtype if isinstance(scale, Tensor) else None, eps_dtype,
+                   eps_dtype is not None or eps != 0, flat.data_ptr() % 16 == 0 and spec.numel % 16 == 0)
+
+    def constexprs(self) -> dict[str, Any]:
+        return {"U_DTYPE": _TL_DTYPES[self.dtype], "ROOT": self.root, "ADD_EPS": self.add_eps,
+                "ALIGNED": self.aligned, "SCALE_PTR": self.scale_dtype is not None,
+                "SCALE_DTYPE": _TL_DTYPES[self.scale_dtype or torch.float32], "EPS_PTR": self.eps_dtype is not None,
+                "EPS_DTYPE": _TL_DTYPES[self.eps_dtype or torch.float32], "TILE": TILE, "num_warps": _NUM_WARPS}
+
+
+@functools.lru_cache(maxsize=None)
+def _constexprs(key: _LaunchKey) -> dict[str, Any]:
+    """The kernels' constexprs for ``key`` (made once: a dict per launch is host time at every logging step)."""
+    return key.constexprs()
+
+
+def _word(x: Tensor | float) -> int:
+    """A scale or eps in a launch table: the address of its 0-dim tensor, or the fp64 bits of a host number."""
+    if isinstance(x, Tensor):
+        return x.data_ptr()
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _grid(spec: RateSpec, max_programs: int) -> int:
+    """The programs a spec's state needs: one per tile, up to the cap (then each loops over several tiles)."""
+    return min(-(-spec.numel // TILE), max_programs)
 
 
 def _median_octave(count: Tensor, coarse: Tensor) -> tuple[Tensor, Tensor]:
@@ -326,8 +392,10 @@ class _Block:
 
     def __init__(self, token: Hashable | None, index: list[int], programs: int) -> None:
         self.token = token
-        self.index = index
+        self.index = index  # the spec of each row
         self.programs = programs  # the largest grid of its specs: the partials' rows per spec
+        self.launches: list[tuple[int, int, _LaunchKey]] = []  # first table row, rows, the kernels' key
+        self.out_index: Tensor | None = None  # [rows] int64, self.index on the device
         self.ext: Tensor | None = None  # [rows, 2] fp32 min, max
         self.sum_count: Tensor | None = None  # [rows, 2] fp64 sum, count
         self.octave: Tensor | None = None  # [rows] int64, the median's octave
@@ -338,10 +406,11 @@ class _Block:
 def _blocks(tokens: list[Hashable | None], grids: list[int], max_programs: int) -> list[_Block]:
     """The rows grouped by token (in the order of each token's first appearance), in blocks.
 
-    Sharded rows in blocks of ``BLOCK_ROWS``: only the sequence of tokens decides them, so every process makes the
-    same ``reduce`` calls with blocks of the same sizes (a shard's grid may differ from rank to rank). Whole rows,
-    which no process reduces, in blocks of as many rows as fit into the partials of ``BLOCK_ROWS`` full grids (up
-    to ``_MAX_BLOCK_ROWS``): the torch ops per block are then shared by many small parameters.
+    Sharded rows in blocks of ``BLOCK_ROWS``, in their order: only the sequence of tokens decides them, so every
+    process makes the same ``reduce`` calls with blocks of the same sizes and rows (a shard's grid may differ from
+    rank to rank). Whole rows, which no process reduces, largest grid first, in blocks of as many rows as fit into
+    the partials of ``BLOCK_ROWS`` full grids (up to ``_MAX_BLOCK_ROWS``): a block's launches and torch ops are then
+    shared by many parameters, and a small parameter rarely waits in the grid of a large one.
     """
     by_token: dict[Hashable | None, list[int]] = {}
     for i, t in enumerate(tokens):
@@ -354,7 +423,7 @@ def _blocks(tokens: list[Hashable | None], grids: list[int], max_programs: int) 
                 blocks.append(_Block(t, chunk, max(1, max(grids[i] for i in chunk))))
             continue
         chunk, programs = [], 1
-        for i in index:
+        for i in sorted(index, key=lambda i: -grids[i]):  # stable: in their order within a grid size
             wider = max(programs, grids[i])
             if chunk and (len(chunk) == _MAX_BLOCK_ROWS or (len(chunk) + 1) * wider > BLOCK_ROWS * max_programs):
                 blocks.append(_Block(t, chunk, programs))
@@ -409,9 +478,9 @@ def triton_rate_statistics(
     (the next ``n_buckets`` rows), and of all of them (the last row, with ``per_group``): the same numbers, with no
     host read.
 
-    Each state is read twice, one kernel launch per spec each time (see the module's docstring): phase 1 gives every
-    row's min, max, sum, count and counts per octave, phase 2 the counts within the median's octave of the row, of
-    its bucket and of the group. The rows are held in blocks (:data:`~lightning_wd.effective_lr.BLOCK_ROWS` sharded
+    Each state is read twice, by one launch per phase for the like states of a block (see the module's docstring):
+    phase 1 gives every row's min, max, sum, count and counts per octave, phase 2 the counts within the median's
+    octave of the row, of its bucket and of the group. The rows are held in blocks (:data:`~lightning_wd.effective_lr.BLOCK_ROWS` sharded
     ones, or as many whole ones as fit into as many programs' partials), whose partials (one row per program of a
     capped grid: on an H200 at most 9 MB per block in phase 1, 17 MB in phase 2, 26 MB with buckets) are reduced by
     torch ops; between the phases each row keeps a few numbers, so the memory grows with the number of parameters
@@ -496,43 +565,56 @@ class _TritonPass:
 
     def __init__(self, specs: Sequence[RateSpec], per_parameter: bool, per_group: bool, reduce: Any,
                  bucket_of: list[int | None], n_buckets: int, device: torch.device) -> None:
-        self.per_parameter, self.per_group, self.reduce = per_parameter, per_group, reduce
+        self.specs, self.per_parameter, self.per_group, self.reduce = specs, per_parameter, per_group, reduce
         self.bucket_of, self.n_buckets, self.device = bucket_of, n_buckets, device
         self.first_bucket = len(specs) if per_parameter else 0
         self.out = torch.empty(self.first_bucket + n_buckets + (1 if per_group else 0), len(STATS),
                                dtype=torch.float32, device=device)
         self.cap = _max_programs(device)
-        self.launches = [_launch_args(spec, self.cap) for spec in specs]
         self.f64 = {"dtype": torch.float64, "device": device}
         self.bucket_index: Tensor | None = None
 
     def blocks(self, tokens: list[Hashable | None]) -> list[_Block]:
-        blocks = _blocks(tokens, [grid for grid, _, _ in self.launches], self.cap)
-        if self.n_buckets:  # each row's bucket, in the blocks' order; n_buckets (a row of its own) for none
-            order = [i for block in blocks for i in block.index]
-            self.bucket_index = _index_tensor(
-                [self.n_buckets if self.bucket_of[i] is None else self.bucket_of[i] for i in order], self.device)
-            for block, ids in zip(blocks, self.bucket_index.split([len(b.index) for b in blocks])):
+        """The blocks, and for all of them one upload of int64 words: the launch tables (a block's rows grouped by
+        the kernels they need, one launch per group and phase), then each block's output rows, then each row's
+        bucket (``n_buckets`` for none)."""
+        blocks = _blocks(tokens, [_grid(spec, self.cap) for spec in self.specs], self.cap)
+        words: list[int] = []
+        for block in blocks:
+            by_key: dict[_LaunchKey, list[int]] = {}
+            for r, i in enumerate(block.index):
+                by_key.setdefault(_LaunchKey.of(self.specs[i]), []).append(r)
+            for key, rows in by_key.items():
+                block.launches.append((len(words) // _COLUMNS, len(rows), key))
+                for r in rows:
+                    spec = self.specs[block.index[r]]
+                    words += (spec.fill.flat.data_ptr(), spec.numel, _word(spec.scale), _word(spec.eps), r)
+        sizes = [len(block.index) for block in blocks]
+        n_rows, out_at = sum(sizes), len(words)
+        words += (i for block in blocks for i in block.index)
+        if self.n_buckets:
+            words += (self.n_buckets if self.bucket_of[i] is None else self.bucket_of[i]
+                      for block in blocks for i in block.index)
+        uploaded = _index_tensor(words, self.device)  # one host-to-device copy, not waited for
+        self.table = uploaded[:out_at].view(-1, _COLUMNS)
+        for block, out_index in zip(blocks, uploaded[out_at : out_at + n_rows].split(sizes)):
+            block.out_index = out_index
+        if self.n_buckets:
+            self.bucket_index = uploaded[out_at + n_rows :]
+            for block, ids in zip(blocks, self.bucket_index.split(sizes)):
                 block.buckets = ids
         return blocks
 
     # --- phase 1: min, max, sum, count and counts per octave of every row; the median's octaves ------------------
     def coarse(self, blocks: list[_Block]) -> None:
         n_buckets, f64 = self.n_buckets, self.f64
-        # the partial of no elements, copied into every program's row of a block: programs that a smaller spec's
-        # grid leaves out (and specs of no elements) keep it
-        identity = torch.zeros(_COARSE, **f64)
-        identity[0].fill_(float("inf"))
-        identity[1].fill_(float("-inf"))
         self.group_sums = torch.zeros(1, _COARSE - 2, **f64)  # sum, count, counts per octave
         self.bucket_sums = torch.zeros(n_buckets + 1, _COARSE - 2, **f64)  # and a last row for no bucket
         for block in blocks:
-            part = identity.expand(len(block.index), block.programs, _COARSE).contiguous()
-            stride = block.programs * _COARSE  # a row's partials: an offset, not a view (a view costs a torch op)
-            for r, i in enumerate(block.index):
-                grid, args, flags = self.launches[i]
-                if grid:
-                    _coarse_kernel[(grid,)](*args, part, r * stride, **flags, TILE=TILE, num_warps=_NUM_WARPS)
+            # every program of the grid writes its slot: the partial of no elements past its state's tiles
+            part = torch.empty(len(block.index), block.programs, _COARSE, **f64)
+            for first, rows, key in block.launches:
+                _coarse_kernel[(block.programs, rows)](self.table[first:], part, **_constexprs(key))
             ext = torch.stack([part[:, :, 0].amin(1), part[:, :, 1].amax(1)], 1).float()  # exact: fp32 values
             sums = part[:, :, 2:].sum(1)
             if block.token is not None:
@@ -560,20 +642,18 @@ class _TritonPass:
                                        ("row", self.per_parameter)) if on]
         self.slot = {name: k for k, name in enumerate(names)}
         width = _BINS * len(names)
-        constexprs = {"ROW_SLOT": self.slot.get("row", -1), "GROUP_SLOT": self.slot.get("group", -1),
-                      "WIDTH": width, "NBINS": _BINS * (1 << (len(names) - 1).bit_length()), "TILE": TILE,
-                      "num_warps": _NUM_WARPS}
+        slots = {"ROW_SLOT": self.slot.get("row", -1), "BUCKET_SLOT": self.slot.get("bucket", -1),
+                 "GROUP_SLOT": self.slot.get("group", -1), "WIDTH": width,
+                 "NBINS": _BINS * (1 << (len(names) - 1).bit_length())}
         for block in blocks:
             rows = len(block.index)
-            part = torch.zeros(rows, block.programs, width, **self.f64)
-            stride = block.programs * width
-            for r, i in enumerate(block.index):
-                grid, args, flags = self.launches[i]
-                b = self.bucket_of[i]
-                if grid:
-                    _fine_kernel[(grid,)](*args, block.octave, r, self.bucket_octave, 0 if b is None else b,
-                                          self.group_octave, part, r * stride, **flags, **constexprs,
-                                          BUCKET_SLOT=-1 if b is None else self.slot["bucket"])
+            part = torch.empty(rows, block.programs, width, **self.f64)  # every program writes its slot
+            # without buckets, no bucket is read: any int64 tensor stands in for them
+            buckets = block.octave if block.buckets is None else block.buckets
+            bucket_octave = block.octave if self.bucket_octave is None else self.bucket_octave
+            for first, n, key in block.launches:
+                _fine_kernel[(block.programs, n)](self.table[first:], part, block.octave, buckets, bucket_octave,
+                                                  self.group_octave, **_constexprs(key), **slots)
             fine = part.sum(1)
             if block.token is not None:
                 # the extremes are known already: rows of (+inf, -inf), which min and max leave as they are
@@ -604,9 +684,8 @@ class _TritonPass:
             first, rows = block.index[0], len(block.index)
             if block.index == list(range(first, first + rows)):
                 self.out[first : first + rows] = stats
-            else:  # sharded and whole parameters in one group: row by row (an index tensor would be a host copy)
-                for j, i in enumerate(block.index):
-                    self.out[i] = stats[j]
+            else:  # rows sorted by size, or sharded and whole parameters in one group
+                self.out.index_copy_(0, block.out_index, stats)
         if self.per_group:
             self.group_fine.add_(self._counts(fine, "group").sum(0))
 
