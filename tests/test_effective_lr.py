@@ -453,3 +453,73 @@ def test_index_add_counting_used_off_the_cpu_matches_bincount():
         el._count_bins(idx.clone(), b, bincount=False)
     assert torch.equal(a, b) and a.sum() == 20_000
     assert a[15] == 2 * (idx == el._FIRST_BIN_BITS + 15).sum() and a[60] == 0
+
+
+# --- a group's bias corrections at once ------------------------------------------------------------------------------
+class _TensorOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that run a kernel on a GPU (views and metadata ops aside)."""
+
+    VIEWS = {"select", "view", "detach", "alias", "unsqueeze", "squeeze", "reshape", "slice", "lift_fresh"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ not in self.VIEWS
+        return func(*args, **(kwargs or {}))
+
+
+def test_stepwise_runs_the_ops_once_for_the_device_steps():
+    """Host steps one by one, device steps (tensors) stacked into one call: each gets fn's numbers, as 0-dim
+    views of the group's results."""
+    calls = []
+
+    def fn(t):
+        calls.append(t)
+        return 1 - torch.pow(0.999, t.double()) if isinstance(t, torch.Tensor) else 1 - 0.999**t, t * 2
+
+    steps = [3.0, torch.tensor(5.0), torch.tensor(7.0), 2.0, torch.tensor(11.0)]
+    got = el.stepwise(steps, fn)
+    assert len(calls) == 3 and calls[2].shape == (3,)
+    for t, (bc, twice) in zip(steps, got):
+        if isinstance(t, torch.Tensor):
+            assert bc.dim() == 0 and torch.equal(bc, 1 - torch.pow(0.999, t.double())) and torch.equal(twice, t * 2)
+        else:
+            assert (bc, twice) == (1 - 0.999**t, t * 2)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adam_rates_of_device_steps_are_each_parameters_own(monkeypatch, amsgrad):
+    """With the steps on the device (a fused or capturable Adam on a GPU; here the CPU tensors are taken as such),
+    the specs of a whole group: each scale and eps bit for bit those of the parameter alone, a parameter not
+    stepped yet ``None``, and the tensor ops as many for 24 parameters as for 3."""
+    monkeypatch.setattr(el, "_step", lambda state: state["step"])
+
+    def group_of(n):
+        torch.manual_seed(n)
+        params = [torch.nn.Parameter(torch.randn(5)) for _ in range(n)]
+        opt = torch.optim.Adam(params, lr=3e-4, eps=1e-7, betas=(0.9, 0.95), amsgrad=amsgrad)
+        for k in range(3):
+            for i, p in enumerate(params[:-1]):  # the last one is never stepped
+                p.grad = torch.randn(5) if k <= i % 3 else None
+            opt.step()
+        return opt, params
+
+    ops = []
+    for n in (3, 24):
+        opt, params = group_of(n)
+        group, states = opt.param_groups[0], [opt.state[p] for p in params]
+        counter = _TensorOps()
+        with counter:
+            specs = el.adam_rates(states, group, params)
+        ops.append(counter.count)
+        assert specs[-1] is None
+        steps = {float(s["step"]) for s in states[:-1]}
+        assert len(steps) > 1  # parameters at different steps in one group
+        for state, spec in zip(states[:-1], specs[:-1]):
+            root_bc2 = (1 - torch.pow(0.95, state["step"].double())).sqrt()
+            assert torch.equal(spec.scale, 3e-4 * root_bc2) and torch.equal(spec.eps, 1e-7 * root_bc2)
+            alone = el.adam_rate(state, group)
+            assert torch.equal(el.effective_lr(spec), el.effective_lr(alone))
+    assert ops[0] == ops[1]

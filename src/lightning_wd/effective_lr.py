@@ -76,6 +76,7 @@ __all__ = [
     "root_rate",
     "adagrad_rate",
     "adam_rate",
+    "adam_rates",
     "adamax_rate",
     "chunk_elements",
     "effective_lr",
@@ -89,6 +90,7 @@ __all__ = [
     "rate_statistics",
     "rmsprop_rate",
     "sparse_adam_rate",
+    "stepwise",
     "summarize_partials",
 ]
 
@@ -218,6 +220,57 @@ def bias_correction(beta: float, step: float | Tensor) -> Scalar:
     return _bias_correction(beta, step)
 
 
+def stepwise(steps: Sequence[float | Tensor], fn: Callable[[float | Tensor], tuple[Scalar, ...]]
+             ) -> list[tuple[Scalar, ...]]:
+    """``fn(step)`` for the step count of each of a group's parameters, with the tensor ops run once per group: a
+    host step (a float) on its own, the device steps of one device stacked into one vector and passed to ``fn`` at
+    once, each parameter getting 0-dim views of the results.
+
+    A fused or capturable optimizer keeps a step count per parameter on the device, so a formula's bias correction
+    is a few tensor ops per parameter, each a kernel launch at several microseconds of host time on a GPU: more than
+    the statistics themselves for a model of many parameters. Elementwise ops give each element the number they give
+    it alone, so the rates are the same to the last bit.
+
+    Example::
+
+        >>> [r for r, in stepwise([2.0, torch.tensor(3.0)], lambda t: (t * 2,))]
+        [4.0, tensor(6.)]
+    """
+    out: list[tuple[Scalar, ...] | None] = [None] * len(steps)
+    on_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(steps):
+        if isinstance(t, Tensor):
+            on_device.setdefault(t.device, []).append(i)
+        else:
+            out[i] = fn(t)
+    for index in on_device.values():
+        if len(index) == 1:
+            out[index[0]] = fn(steps[index[0]])
+            continue
+        results = fn(torch.stack([steps[i].reshape(()) for i in index]))
+        for k, i in enumerate(index):
+            out[i] = tuple(r[k] for r in results)
+    return out  # type: ignore[return-value]
+
+
+def adam_rates(states: Sequence[dict[str, Any]], group: dict[str, Any], params: Sequence[Tensor] | None = None
+               ) -> list[RateSpec | None]:
+    """:func:`adam_rate` of the parameters of one param group, with their bias corrections computed together
+    (:func:`stepwise`)."""
+    key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
+    stepped = [i for i, state in enumerate(states) if key in state]
+
+    def scalars(t: float | Tensor) -> tuple[Scalar, Scalar]:
+        root_bc2 = _sqrt(_bias_correction(group["betas"][1], t))
+        return group["lr"] * root_bc2, group["eps"] * root_bc2
+
+    out: list[RateSpec | None] = [None] * len(states)
+    for i, (scale, eps) in zip(stepped, stepwise([_step(states[i]) for i in stepped], scalars)):
+        v = states[i][key]
+        out[i] = RateSpec(scale, eps, _numel(v), _root_fill(v), v.device)
+    return out
+
+
 def adam_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
     """``lr / (sqrt(v / (1 - beta2^t)) + eps)``, the factor of ``m_hat = m / (1 - beta1^t)`` in the update of
     ``torch.optim.Adam`` and ``AdamW``, with ``v = max_exp_avg_sq`` under AMSGrad, else ``exp_avg_sq``.
@@ -227,14 +280,10 @@ def adam_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None
     ``(1 - mu_t) / (1 - prod mu) * grad + mu_{t+1} / (1 - prod mu * mu_{t+1}) * m``.
 
     Computed as ``lr * sqrt(bc2) / (sqrt(v) + eps * sqrt(bc2))``, the same number, so that the square root is taken
-    of ``v`` as it is stored. ``None`` for a parameter the optimizer has not stepped yet.
+    of ``v`` as it is stored. ``None`` for a parameter the optimizer has not stepped yet. :func:`adam_rates` makes
+    those of a whole group.
     """
-    key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
-    if key not in state:
-        return None
-    v = state[key]
-    root_bc2 = _sqrt(_bias_correction(group["betas"][1], _step(state)))
-    return RateSpec(group["lr"] * root_bc2, group["eps"] * root_bc2, _numel(v), _root_fill(v), v.device)
+    return adam_rates([state], group)[0]
 
 
 def sparse_adam_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
@@ -382,11 +431,23 @@ class Formula:
         note: for an optimizer without one, why, and what to log instead.
         sharded: whether ``spec`` works on one process's shard of a parameter (FSDP2); Adafactor's factored second
             moment and its RMS(p) span the shards.
+        batch: ``batch(states, group, params)``, the specs of a group's parameters at once, where making them one
+            by one costs tensor ops per parameter (a bias correction of a step kept on the device, see
+            :func:`stepwise`); it must give what ``spec`` gives for each.
     """
 
     spec: Callable[[dict[str, Any], dict[str, Any], Tensor], RateSpec | None] | None
     note: str = ""
     sharded: bool = True
+    batch: Callable[[Sequence[dict[str, Any]], dict[str, Any], Sequence[Tensor]], list[RateSpec | None]] | None = None
+
+    def specs(self, states: Sequence[dict[str, Any]], group: dict[str, Any], params: Sequence[Tensor]
+              ) -> list[RateSpec | None]:
+        """The :class:`RateSpec` of each of a group's parameters (``None`` for one not stepped yet)."""
+        if self.batch is not None:
+            return self.batch(states, group, params)
+        assert self.spec is not None
+        return [self.spec(state, group, p) for state, p in zip(states, params)]
 
 
 #: the formulas of optimizers without a per-element rate, shared by their registry entries

@@ -186,25 +186,27 @@ class EffectiveLRMonitor(StepCallback):
 
     def _specs(self, optimizer: Optimizer, formula: Formula, gi: int, group: dict[str, Any]
                ) -> tuple[list[RateSpec], list[Any], list[Reported]]:
-        specs: list[RateSpec] = []
-        shards: list[Any] = []
-        reported: list[Reported] = []
+        index, states, params, shards = [], [], [], []
         for i, p in enumerate(group["params"]):
             state = optimizer.state.get(p)
             groups = shard_groups(p)
             if not state or (groups and not formula.sharded):
                 continue
-            local = {k: local_tensor(v) if isinstance(v, Tensor) else v for k, v in state.items()}
-            spec = formula.spec(local, group, local_tensor(p))
-            if spec is None:
-                continue
-            specs.append(spec)
+            index.append(i)
+            states.append({k: local_tensor(v) if isinstance(v, Tensor) else v for k, v in state.items()})
+            params.append(local_tensor(p))
             # whole (replicated) parameters are left out of the reduction: summed across ranks they would count
             # once per rank
             shards.append(groups or None)
+        kept: tuple[list[RateSpec], list[Any], list[Reported]] = ([], [], [])
+        for i, spec, sharded in zip(index, formula.specs(states, group, params), shards):
+            if spec is None:
+                continue
             fallback = Reported(f"{self._group_key(optimizer, gi)}/param{i}", bool(self.per_parameter), None)
-            reported.append(self._reported.get(id(p), fallback))
-        return specs, shards, reported
+            kept[0].append(spec)
+            kept[1].append(sharded)
+            kept[2].append(self._reported.get(id(group["params"][i]), fallback))
+        return kept
 
     # --- after the batch: one transfer, then the loggers ---------------------------------------------------------
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:

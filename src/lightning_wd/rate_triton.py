@@ -480,11 +480,11 @@ def triton_rate_statistics(
 
     Each state is read twice, by one launch per phase for the like states of a block (see the module's docstring):
     phase 1 gives every row's min, max, sum, count and counts per octave, phase 2 the counts within the median's
-    octave of the row, of its bucket and of the group. The rows are held in blocks (:data:`~lightning_wd.effective_lr.BLOCK_ROWS` sharded
-    ones, or as many whole ones as fit into as many programs' partials), whose partials (one row per program of a
-    capped grid: on an H200 at most 9 MB per block in phase 1, 17 MB in phase 2, 26 MB with buckets) are reduced by
-    torch ops; between the phases each row keeps a few numbers, so the memory grows with the number of parameters
-    only as the output does.
+    octave of the row, of its bucket and of the group. The rows are held in blocks
+    (:data:`~lightning_wd.effective_lr.BLOCK_ROWS` sharded ones, or as many whole ones as fit into as many programs'
+    partials), whose partials (one row per program of a capped grid: on an H200 at most 9 MB per block in phase 1,
+    17 MB in phase 2, 26 MB with buckets) are reduced by torch ops; between the phases each row keeps a few numbers,
+    so the memory grows with the number of parameters only as the output does.
 
     Sharded parameters (``shards[i]`` a token, not ``None``) get blocks of their own, as in ``rate_statistics``, and
     two ``reduce(partials, token)`` calls per block, every process the same calls in the same order: after phase 1

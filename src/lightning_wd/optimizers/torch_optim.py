@@ -12,6 +12,7 @@ from lightning_wd.effective_lr import (
     adafactor_rate,
     adagrad_rate,
     adam_rate,
+    adam_rates,
     adamax_rate,
     radam_rate,
     rmsprop_rate,
@@ -141,7 +142,7 @@ for _name in ("Adam", "AdamW", "NAdam", "RAdam"):
             equilibrium=_adam_form if _name in ("Adam", "AdamW") else None,
             # NAdam's update mixes g and m with step-dependent weights: its sign is not m's
             update_direction=None if _name == "NAdam" else adam_direction,
-            effective_lr=Formula(radam_rate if _name == "RAdam" else adam_rate),
+            effective_lr=Formula(radam_rate) if _name == "RAdam" else Formula(adam_rate, batch=adam_rates),
             description=f"{L2}, or {DECOUPLED} with `decoupled_weight_decay=True` (AdamW: always)",
         ),
     )
