@@ -608,8 +608,10 @@ class _TritonPass:
     # --- phase 1: min, max, sum, count and counts per octave of every row; the median's octaves ------------------
     def coarse(self, blocks: list[_Block]) -> None:
         n_buckets, f64 = self.n_buckets, self.f64
-        self.group_sums = torch.zeros(1, _COARSE - 2, **f64)  # sum, count, counts per octave
-        self.bucket_sums = torch.zeros(n_buckets + 1, _COARSE - 2, **f64)  # and a last row for no bucket
+        if self.per_group:
+            self.group_sums = torch.zeros(1, _COARSE - 2, **f64)  # sum, count, counts per octave
+        if n_buckets:
+            self.bucket_sums = torch.zeros(n_buckets + 1, _COARSE - 2, **f64)  # and a last row for no bucket
         for block in blocks:
             # every program of the grid writes its slot: the partial of no elements past its state's tiles
             part = torch.empty(len(block.index), block.programs, _COARSE, **f64)
@@ -619,15 +621,20 @@ class _TritonPass:
             sums = part[:, :, 2:].sum(1)
             if block.token is not None:
                 self.reduce(Partials(ext, sums), block.token)
-            block.ext, block.sum_count = ext, sums[:, :2].clone()  # not a view: the counts per octave can go
-            block.octave, block.rank = _median_octave(sums[:, 1], sums[:, 2:])
-            self.group_sums.add_(sums.sum(0))
+            block.ext = ext
+            if self.per_parameter:  # each op here is a launch at every logging step: only for the rows asked for
+                block.sum_count = sums[:, :2].clone()  # not a view: the counts per octave can go
+                block.octave, block.rank = _median_octave(sums[:, 1], sums[:, 2:])
+            if self.per_group:
+                self.group_sums.add_(sums.sum(0))
             if n_buckets:
                 self.bucket_sums.index_add_(0, block.buckets, sums)
-        all_ext = torch.cat([block.ext for block in blocks])
-        self.group_ext = torch.stack([all_ext[:, 0].amin(), all_ext[:, 1].amax()]).unsqueeze(0)  # NaN-propagating
-        self.group_octave, self.group_rank = _median_octave(self.group_sums[:, 1], self.group_sums[:, 2:])
-        self.group_fine = torch.zeros(1, _BINS, **f64)
+        all_ext = torch.cat([block.ext for block in blocks]) if len(blocks) > 1 else blocks[0].ext
+        self.group_octave = None
+        if self.per_group:
+            self.group_ext = torch.stack([all_ext[:, 0].amin(), all_ext[:, 1].amax()]).unsqueeze(0)  # NaN-propagating
+            self.group_octave, self.group_rank = _median_octave(self.group_sums[:, 1], self.group_sums[:, 2:])
+            self.group_fine = torch.zeros(1, _BINS, **f64)
         self.bucket_octave = None
         if n_buckets:
             self.bucket_ext = _extremes_by_index(all_ext, self.bucket_index, n_buckets + 1)
@@ -648,12 +655,11 @@ class _TritonPass:
         for block in blocks:
             rows = len(block.index)
             part = torch.empty(rows, block.programs, width, **self.f64)  # every program writes its slot
-            # without buckets, no bucket is read: any int64 tensor stands in for them
-            buckets = block.octave if block.buckets is None else block.buckets
-            bucket_octave = block.octave if self.bucket_octave is None else self.bucket_octave
+            # a target not asked for is not read (its slot is -1): the table, an int64 tensor, stands in for it
+            octaves = [self.table if t is None else t
+                       for t in (block.octave, block.buckets, self.bucket_octave, self.group_octave)]
             for first, n, key in block.launches:
-                _fine_kernel[(block.programs, n)](self.table[first:], part, block.octave, buckets, bucket_octave,
-                                                  self.group_octave, **_constexprs(key), **slots)
+                _fine_kernel[(block.programs, n)](self.table[first:], part, *octaves, **_constexprs(key), **slots)
             fine = part.sum(1)
             if block.token is not None:
                 # the extremes are known already: rows of (+inf, -inf), which min and max leave as they are
