@@ -202,10 +202,12 @@ class EffectiveLRMonitor(StepCallback):
         for i, spec, sharded in zip(index, formula.specs(states, group, params), shards):
             if spec is None:
                 continue
-            fallback = Reported(f"{self._group_key(optimizer, gi)}/param{i}", bool(self.per_parameter), None)
             kept[0].append(spec)
             kept[1].append(sharded)
-            kept[2].append(self._reported.get(id(group["params"][i]), fallback))
+            reported = self._reported.get(id(group["params"][i]))
+            if reported is None:  # a parameter the module does not name
+                reported = Reported(f"{self._group_key(optimizer, gi)}/param{i}", bool(self.per_parameter), None)
+            kept[2].append(reported)
         return kept
 
     # --- after the batch: one transfer, then the loggers ---------------------------------------------------------
