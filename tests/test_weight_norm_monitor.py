@@ -297,6 +297,24 @@ def test_no_host_read_off_logging_steps_and_one_transfer_on_them(monkeypatch, lr
     assert logging_tolist - base_tolist == STEPS
 
 
+def test_a_group_whose_parameters_change_is_reported_as_it_now_is():
+    """The monitor keeps what it looked up for each parameter from one logging step to the next; a group that loses
+    a parameter between two of them is then reported without it, its norm the norm of the parameters it holds."""
+
+    class DropLast(Callback):
+        def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+            if trainer.global_step == 2:
+                trainer.optimizers[0].param_groups[0]["params"].pop(0)  # net.0.weight
+
+    logger = Recording()
+    run([DropLast(), WeightNormMonitor(log_every_n_steps=1, per_parameter=True)],
+        lambda m: torch.optim.SGD(m.parameters(), lr=LR), logger, max_steps=4)
+    for step, metrics in logger.calls:
+        own = {k: v for k, v in metrics.items() if k.startswith("weight_norm/net.")}
+        assert ("weight_norm/net.0.weight" in own) == (step < 2) and len(own) == (6 if step < 2 else 5)
+        assert metrics["weight_norm/SGD/pg1"] == pytest.approx(math.sqrt(sum(v**2 for v in own.values())))
+
+
 def test_timescale_is_left_to_a_weight_decay_that_logs_it():
     """With WeightDecay logging (log_weight_decay=True) the timescale keys come from it alone; without, from the
     monitor."""

@@ -62,7 +62,9 @@ def to_host(tensors: Sequence[Tensor]) -> list[list[float]]:
         by_device[t.device].append(i)
     out: list[list[float]] = [[] for _ in tensors]
     for index in by_device.values():
-        values = torch.cat([tensors[i].reshape(-1).float() for i in index]).tolist()
+        flat = [tensors[i].reshape(-1).float() for i in index]
+        # one tensor (a monitor's usual case): read as is, without a `cat` that would copy it first
+        values = (flat[0] if len(flat) == 1 else torch.cat(flat)).tolist()
         start = 0
         for i in index:
             n = tensors[i].numel()

@@ -38,6 +38,8 @@ def sum_over_shards_(squares: Tensor, params: Sequence[Tensor]) -> None:
     rows are picked by integer indexing, not with an index tensor made from host data (a host-to-device copy, which
     synchronizes on CUDA).
     """
+    if not dist.is_available() or not dist.is_initialized():
+        return  # one process: nothing is sharded (what `shard_groups` finds for each parameter, without the loop)
     by_groups: dict[tuple[Any, ...], list[int]] = {}
     for i, p in enumerate(params):
         groups = shard_groups(p)

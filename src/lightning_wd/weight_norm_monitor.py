@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,17 @@ from lightning_wd.weight_norm import Decay, decay_of_group, equilibrium_norm, sq
 __all__ = ["WeightNormMonitor", "sum_over_shards_"]
 
 
+@dataclass(frozen=True)
+class _Slot:
+    """What the metrics need of one parameter that stays the same from one logging step to the next (kept by the
+    monitor, so that a logging step does not look it up again)."""
+
+    param: Tensor
+    matrix: bool  # 2 or more dimensions: the weights that can have an equilibrium norm
+    targets: tuple[str, ...]  # the aggregate keys its squares add to: its group's, its module's
+    own: str | None  # its own key, where it is reported on its own
+
+
 @dataclass
 class _GroupPlan:
     """What the metrics of one param group need from the host side, read at the start of the step."""
@@ -30,6 +42,7 @@ class _GroupPlan:
     index: int
     key: str  # {optimizer}/{group}
     params: list[Tensor]
+    slots: list[_Slot]  # one per parameter, in the order of ``params``
     lr: Any
     form: Equilibrium | None
     decay: Decay | None  # the group's decay (for its timescale)
@@ -151,11 +164,18 @@ class WeightNormMonitor(StepCallback):
         self.per_parameter, self.per_module, self.per_group = check_selection(per_parameter, per_module, per_group)
         self._reported: dict[int, Reported] = {}
         self._listeners: dict[int, _Listener] = {}
+        # per group key: the parameters the slots were made for, and the slots
+        self._slots: dict[str, tuple[tuple[Tensor, ...], list[_Slot]]] = {}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_no_fsdp1("WeightNormMonitor", trainer.strategy, pl_module)
         super().on_fit_start(trainer, pl_module)
         self._reported = reported_parameters(pl_module, self.per_parameter, self.per_module)
+        self._slots = {}  # made from `_reported`: anew for each fit
+
+    def _teardown(self) -> None:
+        super()._teardown()
+        self._slots = {}  # holds the parameters: not kept past the fit
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self._disarm()
@@ -178,12 +198,29 @@ class WeightNormMonitor(StepCallback):
 
         for gi, group in enumerate(optimizer.param_groups):
             decay, param_decay = decay_of_group(optimizer, group, attached)
+            key, params = self._group_key(optimizer, gi), list(group["params"])
             record.groups.append(_GroupPlan(
-                index=gi, key=self._group_key(optimizer, gi), params=list(group["params"]), lr=keep(group["lr"]),
-                form=self._form(optimizer, group), decay=_keep(decay, keep), param_decay=[
-                    _keep(d, keep) for d in param_decay],
+                index=gi, key=key, params=params, slots=self._slots_of(key, params), lr=keep(group["lr"]),
+                form=self._form(optimizer, group), decay=_keep(decay, keep), param_decay=_keep_each(param_decay, keep),
             ))
         return record
+
+    def _slots_of(self, key: str, params: list[Tensor]) -> list[_Slot]:
+        """The slots of the parameters of group ``key``: those of the last logging step while the group holds the
+        same parameters (the usual case), else made anew."""
+        made, slots = self._slots.get(key, ((), []))
+        if len(made) == len(params) and all(map(operator.is_, made, params)):
+            return slots
+        slots = [self._slot(key, i, p) for i, p in enumerate(params)]
+        self._slots[key] = (tuple(params), slots)
+        return slots
+
+    def _slot(self, key: str, index: int, p: Tensor) -> _Slot:
+        reported = self._reported.get(id(p))
+        if reported is None:  # not a parameter of the module (added to the optimizer by hand): named by position
+            reported = Reported(f"{key}/param{index}", bool(self.per_parameter), None)
+        targets = (key,) * self.per_group + ((reported.module,) if reported.module else ())
+        return _Slot(p, p.dim() >= 2, targets, reported.name if reported.own else None)
 
     @staticmethod
     def _form(optimizer: Optimizer, group: dict[str, Any]) -> Equilibrium | None:
@@ -207,29 +244,30 @@ class WeightNormMonitor(StepCallback):
             metrics.update(self._metrics(record, squares, scalars, trainer.estimated_stepping_batches, with_timescale))
         self._log(trainer, metrics)
 
-    def _metrics(self, record: _Record, squares: list[float], scalars: list[float], total: float,
+    @staticmethod
+    def _metrics(record: _Record, squares: list[float], scalars: list[float], total: float,
                  with_timescale: bool) -> dict[str, float]:
         n = sum(len(g.params) for g in record.groups)
         grad_sq = dict(zip(map(id, record.with_grad), squares[n:]))
         out: dict[str, float] = {}
         buckets: dict[str, _Sums] = defaultdict(_Sums)
         value = lambda x: scalars[x.index] if isinstance(x, _Deferred) else x  # noqa: E731
-        w_sq = iter(squares[:n])
+        start = 0
         for plan in record.groups:
             lr, decay = value(plan.lr), _resolved(plan.decay, value)
             if with_timescale and decay is not None and decay[0] == "shrink":
                 out[f"timescale/{plan.key}"] = 1 / decay[1]
                 if math.isfinite(total):
                     out[f"timescale_fraction/{plan.key}"] = 1 / (decay[1] * total)
-            for i, (p, d) in enumerate(zip(plan.params, plan.param_decay)):
-                w2, g2 = next(w_sq), grad_sq.get(id(p))
-                predicted = equilibrium_norm(plan.form, p, lr, _resolved(d, value), w2, g2)
-                reported = self._reported.get(id(p), Reported(f"{plan.key}/param{i}", bool(self.per_parameter), None))
-                targets = [plan.key] * self.per_group + ([reported.module] if reported.module else [])
-                for target in targets:
+            w_sq, start = squares[start : start + len(plan.params)], start + len(plan.params)
+            resolved = _resolved_each(plan.param_decay, value)
+            for slot, d, w2 in zip(plan.slots, resolved, w_sq):
+                g2 = grad_sq.get(id(slot.param))
+                predicted = equilibrium_norm(plan.form, slot.param, lr, d, w2, g2) if slot.matrix else None
+                for target in slot.targets:
                     buckets[target].add(w2, g2, predicted)
-                if reported.own:
-                    _Sums().add(w2, g2, None).write(out, reported.name, predicted)
+                if slot.own is not None:
+                    _Sums().add(w2, g2, None).write(out, slot.own, predicted)
         for target, sums in buckets.items():
             sums.write(out, target, None)
         return out
@@ -274,9 +312,23 @@ def _keep(decay: Decay | None, keep: Any) -> Decay | None:
     return None if decay is None else (decay[0], keep(decay[1]))
 
 
+def _keep_each(decays: list[Decay | None], keep: Any) -> list[Decay | None]:
+    """``_keep`` of each parameter's decay, once per distinct decay: the parameters of a group share a few (the
+    group's, ``None`` where excluded), and a tensor-valued one is then read once, not once per parameter."""
+    kept = {id(d): _keep(d, keep) for d in {id(d): d for d in decays}.values()}
+    return [kept[id(d)] for d in decays]
+
+
 def _resolved(decay: Decay | None, value: Any) -> Decay | None:
     """The decay with its number read; ``None`` where it decays nothing (0, or no shrink factor at all)."""
     if decay is None or decay[1] is None:
         return None
     x = float(value(decay[1]))
     return (decay[0], x) if x > 0 else None
+
+
+def _resolved_each(decays: list[Decay | None], value: Any) -> list[Decay | None]:
+    """``_resolved`` of each parameter's decay, once per distinct decay (the kept decays are shared as in
+    :func:`_keep_each`)."""
+    resolved = {id(d): _resolved(d, value) for d in {id(d): d for d in decays}.values()}
+    return [resolved[id(d)] for d in decays]
