@@ -155,7 +155,7 @@ class Report:
 
     def table(self) -> str:
         """The rows in the order of their numbers (they are measured in another order)."""
-        rows = sorted(self.rows, key=lambda r: int(r.key[0]))  # stable: a row's variants stay in their order
+        rows = sorted(self.rows, key=lambda r: int(r.key[0]) if r.key[0].isdigit() else 99)  # stable: variants in order
         return "\n".join([self.HEADER, *(self.line(r) for r in rows)])
 
     def save(self) -> None:
@@ -429,6 +429,138 @@ def small_model_rows(report: Report, sz: Sizes, device: torch.device, log_dir: s
                        detail(name))
 
 
+# --- section: our host time on the 8M model (rows 3 and 4, resolved) -----------------------------------------------
+class HostTime:
+    """The seconds the library's own code takes in a fit's steps: every per-step hook its callbacks define, and the step
+    wrapper (``StepHooks._run``, the listeners included, less the optimizer's own step, which it wraps).
+
+    Steps that do not log add no device work (the monitors' listeners are not armed; the native handoff runs the
+    optimizer's own kernel), so this host time bounds what they cost: resolved where a ratio of fits is not (the
+    spread between fits doing the same work is several per cent on a GPU). The timers' own cost is counted in, so
+    the bound errs high."""
+
+    #: the hooks of every training step (set-up and epoch hooks are not steps' costs)
+    STEP_HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
+                  "on_before_zero_grad", "on_train_batch_end")
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def _timed(self, fn: Callable) -> Callable:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+        return timed
+
+    @contextlib.contextmanager
+    def watching(self, callbacks: list[Callback]) -> Iterator[None]:
+        from lightning_wd import stepping
+
+        for cb in callbacks:
+            for name in self.STEP_HOOKS:
+                if getattr(type(cb), name) is not getattr(Callback, name):
+                    setattr(cb, name, self._timed(getattr(cb, name)))
+        run, clock = stepping.StepHooks._run, self
+
+        def timed_run(hooks: Any, optimizer: Any, args: tuple, kwargs: dict) -> Any:
+            t0, inner, inner_s, listeners_s = time.perf_counter(), hooks._inner, 0.0, 0.0
+            call = stepping._call
+
+            def timed_call(*a: Any) -> None:  # the listeners the optimizer's step calls back (on_grads_ready)
+                nonlocal listeners_s
+                t = time.perf_counter()
+                try:
+                    call(*a)
+                finally:
+                    listeners_s += time.perf_counter() - t
+
+            def timed_inner(*a: Any, **k: Any) -> Any:
+                nonlocal inner_s
+                t = time.perf_counter()
+                stepping._call = timed_call
+                try:
+                    return inner(*a, **k)
+                finally:
+                    stepping._call = call
+                    inner_s += time.perf_counter() - t
+
+            hooks._inner = timed_inner
+            try:
+                return run(hooks, optimizer, args, kwargs)
+            finally:
+                hooks._inner = inner
+                clock.seconds += time.perf_counter() - t0 - inner_s + listeners_s
+
+        stepping.StepHooks._run = timed_run
+        try:
+            yield
+        finally:
+            stepping.StepHooks._run = run
+
+
+def host_rows(report: Report, sz: Sizes, device: torch.device, log_dir: str) -> None:
+    """Rows 3 and 4 resolved: one fit per configuration, the library's host time per step over the reference's step
+    (after the warm-up), plus 1."""
+    cfgs = {name: cfg for name, cfg in small_configs().items() if cfg.core and cfg.callbacks()
+            and "every step" not in name}
+    steps = {ref: statistics.median(fit_clocked(adam_w(ref[6:-1]), [], sz.small_width, sz.small_depth,
+                                                sz.small_steps, device, log_dir).cycle[sz.warmup:])
+             for ref in ("AdamW(fused)", "AdamW(foreach)")}
+    raw = report.raw["host"] = {"reference_step_s": steps}
+    for k, (name, cfg) in enumerate(cfgs.items()):
+        callbacks, clock = cfg.callbacks(), HostTime()
+        with clock.watching(callbacks):
+            log = fit_clocked(cfg.make_opt, callbacks, sz.small_width, sz.small_depth, sz.small_steps, device,
+                              log_dir)
+        per_step = clock.seconds / len(log.cycle)
+        raw[name] = per_step
+        target = 1.01 if "WeightDecay" in name else 1.005
+        what = f"{name}: 1 + library host time / step, {millions(small_params(sz))}"
+        report.add(f"{'3' if 'Monitor' in name else '4'}-host-{k}", what, 1 + per_step / steps[cfg.ref], ".4f", target,
+                   f"{per_step * 1e6:.1f} us per step in lightning_wd's hooks and step wrapper, {cfg.ref} step "
+                   f"{steps[cfg.ref] * 1e3:.3f} ms; no device work on these steps, so this bounds their cost")
+
+
+# --- extra: the Triton pass's tile, warps and grid -----------------------------------------------------------------
+def kernel_sweep(report: Report, sz: Sizes, device: torch.device) -> None:
+    """The statistics pass alone over 268M Adam-like fp32 states (16 x 4096 x 4096, as row 1's model), per group
+    row only (the default), for a few tiles, warps and programs per SM: what to choose for row 1."""
+    from lightning_wd import rate_triton as rt
+    from lightning_wd.effective_lr import rate_statistics, root_rate
+
+    g = torch.Generator(device=device).manual_seed(0)
+    n = sz.big_width
+    states = [torch.randn(n, n, device=device, generator=g).square_().mul_(1e-6) for _ in range(sz.big_depth)]
+    specs = [root_rate(v, 1e-4 * 0.03, 1e-8 * 0.03) for v in states]
+    chosen = (rt.TILE, rt._NUM_WARPS, rt._PROGRAMS_PER_SM)
+    times: dict[str, float] = {}
+    try:
+        for tile, warps, per_sm in (chosen, (1024, 4, 16), (1024, 4, 8), (2048, 8, 4), (4096, 8, 2), (2048, 4, 8)):
+            rt.TILE, rt._NUM_WARPS, rt._PROGRAMS_PER_SM = tile, warps, per_sm
+            rt._constexprs.cache_clear()
+            rate_statistics(specs, per_parameter=False)  # compiled outside the timing
+            sync(device)
+            runs = []
+            for _ in range(7):
+                t0 = time.perf_counter()
+                rate_statistics(specs, per_parameter=False)
+                sync(device)
+                runs.append(time.perf_counter() - t0)
+            times[f"{tile}/{warps}/{per_sm}"] = statistics.median(runs)
+    finally:
+        rt.TILE, rt._NUM_WARPS, rt._PROGRAMS_PER_SM = chosen
+        rt._constexprs.cache_clear()
+    report.raw["kernel_sweep_s"] = times
+    base = times[f"{chosen[0]}/{chosen[1]}/{chosen[2]}"]
+    for k, (name, t) in enumerate(times.items()):
+        what = f"statistics pass, tile/warps/programs per SM {name} ({millions(n * n * len(states))}, fp32 states)"
+        report.add(f"k{k}", what, t / base, ".3f",
+                   None, f"{t * 1e3:.2f} ms per pass (wall, synchronized)")
+
+
 # --- section: the plain loop (row 5) ------------------------------------------------------------------------------
 def loop_fns(sz: Sizes, device: torch.device) -> dict[str, Callable[[], None]]:
     """Each function takes ``loop_steps`` optimizer steps on its own 2,000 tensors with fixed gradients."""
@@ -487,7 +619,12 @@ def loop_rows(report: Report, sz: Sizes, device: torch.device) -> None:
 
 
 def extras(report: Report, sz: Sizes, device: torch.device, log_dir: str, budget: Budget, needs_s: float) -> None:
-    """Row 1 with foreach AdamW, then with a bf16 model, each while the budget lasts."""
+    """The statistics pass's kernel settings (CUDA), row 1 with foreach AdamW, then with a bf16 model, each while
+    the budget lasts."""
+    if device.type == "cuda":
+        with section(report, budget, "extra: the Triton pass's settings", needs_s / 3) as ok:
+            if ok:
+                kernel_sweep(report, sz, device)
     with section(report, budget, "extra: row 1 with foreach AdamW", needs_s / 2) as ok:
         if ok:
             big_model_rows(report, sz, device, log_dir, impl="foreach", tag="-foreach", with_wnm=False)
@@ -526,8 +663,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--out", default=os.environ.get("OUT") or None, help="folder for gpu_report.md/.json "
                     "(default: $OUT, else a temporary folder)")
     ap.add_argument("--budget-s", type=float, default=230.0, help="sections that would start later are skipped")
-    ap.add_argument("--only", nargs="+", choices=["big", "loop", "small", "extras"],
-                    default=["big", "loop", "small", "extras"], help="the sections to run")
+    ap.add_argument("--only", nargs="+", choices=["big", "loop", "small", "host", "extras"],
+                    default=["big", "loop", "small", "host", "extras"], help="the sections to run")
     return ap.parse_args()
 
 
@@ -564,6 +701,11 @@ def main() -> None:
         with section(report, budget, "8M model fits: rows 2, 3, 4", 10.0 if not args.quick else 1.0) as ok:
             if ok:
                 small_model_rows(report, sz, device, log_dir, budget, extras_s if "extras" in args.only else 0.0)
+    if "host" in args.only:
+        with section(report, budget, "8M model, library host time: rows 3, 4 resolved", 8.0 if not args.quick else 1.0
+                     ) as ok:
+            if ok:
+                host_rows(report, sz, device, log_dir)
     if "extras" in args.only:
         extras(report, sz, device, log_dir, budget, extras_s)
     report.note(f"total {budget.elapsed():.0f} s; table and raw numbers in {out}")
