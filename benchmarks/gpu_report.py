@@ -618,9 +618,78 @@ def loop_rows(report: Report, sz: Sizes, device: torch.device) -> None:
                    (ours - ref) / n * 1e9, ".0f", None, f"{ours * 1e3:.3f} vs {ref * 1e3:.3f} ms per step")
 
 
+# --- extra: where a logging step's time goes -----------------------------------------------------------------------
+class _ProfileStep(Callback):
+    """Profiles one training step (``step``, from 0) with ``torch.profiler``, CPU and CUDA activity."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.profiler = step, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
+        if batch_idx == self.step:
+            sync(pl_module.device)
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if pl_module.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx == self.step and self.profiler is not None:
+            sync(pl_module.device)
+            self.profiler.__exit__(None, None, None)
+
+
+def profile_rows(report: Report, sz: Sizes, device: torch.device, log_dir: str) -> None:
+    """One logging step of each monitor on the 268M model, and a step without one, profiled: the ops by device
+    time and by host time, into ``profile_*.txt`` beside the report (what rows 1 and 6 spend, op by op); and the
+    norms of row 6 alone: ``squared_norms`` of the weights and gradients, against the time to read them once."""
+    from lightning_wd.weight_norm import squared_norms
+
+    every = 10
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    for name, make in (("none", list), ("EffectiveLRMonitor", lambda: [EffectiveLRMonitor(log_every_n_steps=every)]),
+                       ("WeightNormMonitor", lambda: [WeightNormMonitor(log_every_n_steps=every)])):
+        prof = _ProfileStep(2 * every - 1)  # the second logging step: the first compiles the kernels
+        fit_clocked(adam_w("fused"), [*make(), prof], sz.big_width, sz.big_depth, 2 * every, device, log_dir)
+        averages = prof.profiler.key_averages()
+        text = "\n\n".join([averages.table(sort_by=sort, row_limit=25),
+                             averages.table(sort_by="self_cpu_time_total", row_limit=25)])
+        (report.out / f"profile_{name}.txt").write_text(text)
+    report.note(f"profiles of one logging step per monitor (fused AdamW, {sz.big_depth} x Linear({sz.big_width})): "
+                "profile_*.txt")
+
+    with torch.device(device):
+        weights = [t for _ in range(sz.big_depth) for t in (torch.randn(sz.big_width, sz.big_width),
+                                                             torch.randn(sz.big_width))]
+    tensors = [*weights, *(torch.randn_like(w) for w in weights)]
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    times = {}
+    for what, fn in (("squared_norms", lambda: squared_norms(tensors)),
+                     ("_foreach_norm", lambda: torch._foreach_norm(tensors)),
+                     ("one vector_norm per tensor", lambda: [torch.linalg.vector_norm(t) for t in tensors]),
+                     ("sum of each (one read)", lambda: [t.sum() for t in tensors])):
+        fn()
+        sync(device)
+        runs = []
+        for _ in range(9):
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            runs.append(time.perf_counter() - t0)
+        times[what] = statistics.median(runs)
+    report.raw["norms_s"] = times
+    for k, (what, t) in enumerate(times.items()):
+        report.add(f"6n{k}", f"{what} over {len(tensors)} tensors ({nbytes / 2**30:.2f} GiB)", t * 1e3, ".3f", None,
+                   f"ms (wall, synchronized); {nbytes / t / 1e12:.2f} TB/s")
+
+
 def extras(report: Report, sz: Sizes, device: torch.device, log_dir: str, budget: Budget, needs_s: float) -> None:
     """The statistics pass's kernel settings (CUDA), row 1 with foreach AdamW, then with a bf16 model, each while
     the budget lasts."""
+    with section(report, budget, "extra: profiles of logging steps, the norms of row 6", needs_s / 3) as ok:
+        if ok:
+            profile_rows(report, sz, device, log_dir)
     if device.type == "cuda":
         with section(report, budget, "extra: the Triton pass's settings", needs_s / 3) as ok:
             if ok:
