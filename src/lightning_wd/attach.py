@@ -233,17 +233,19 @@ class AttachedWeightDecay:
                 if group.get("weight_decay", 0.0) != 0:  # a schedule at 0 for this step
                     self._stash_and_set(group, {"weight_decay": 0.0})
                 continue
-            plan = self.plan(group, wd)
+            dtypes = self._group_dtypes(group)
+            plan = self._planner.plan(group, wd, dtypes)
             if isinstance(plan, Refused):  # e.g. a switch the user flipped since attach
                 raise ValueError(f"lightning_wd: param group {index} of {type(optimizer).__name__}: {plan.reason}")
             x = self.per_step_decay(group, wd)
-            self._checks.check(index, group, wd, x, self._group_dtypes(group))
+            self._checks.check(index, group, wd, x, dtypes)
             if plan is GENERIC:
                 self._stash_and_set(group, {"weight_decay": 0.0})
                 generic.append((index, group, wd, x))
             elif isinstance(plan, Native) and plan.settings:
                 self._stash_and_set(group, plan.settings)
-        self._pass.apply(generic)
+        if generic:  # not even its no_grad context when every group is handed over (the native handoff)
+            self._pass.apply(generic)
 
     def _stash_and_set(self, group: dict[str, Any], settings: Any) -> None:
         self._stash.append((group, {k: group[k] for k in settings if k in group}))
