@@ -228,6 +228,8 @@ class WeightNormMonitor(StepCallback):
 
     # --- after the batch: one transfer, then the loggers ---------------------------------------------------------
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if not self._listeners:
+            return  # not a logging batch: nothing was armed
         records = [lst.record for lst in self._listeners.values() if lst.record is not None]
         records = [r for r in records if r.squares is not None]
         self._disarm()
