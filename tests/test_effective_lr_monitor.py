@@ -6,7 +6,6 @@ import contextlib
 import csv
 import glob
 import logging
-import math
 import os
 from collections import defaultdict
 
@@ -356,16 +355,25 @@ def test_several_optimizers_are_named_by_class_and_repeat(tmp_path):
 def test_histogram_of_log10_effective_lr_in_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    """The histogram of the last logging step (the last step: the optimizer's state is still that step's) holds
+    log10 of each of body.weight's 64 rates, its ends those of Adam's rate computed by hand from that state."""
     callbacks = [EffectiveLRMonitor(log_histogram=True, per_parameter=True), WeightDecay(weight_decay=0.01)]
     trainer = make_trainer(TensorBoardLogger(tmp_path), callbacks, max_steps=4, log_every_n_steps=2)
-    trainer.fit(Net(CONFIGS["adam"]), loader())
+    net = Net(CONFIGS["adam"])
+    trainer.fit(net, loader())
     acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"histograms": 0})
     acc.Reload()
     assert "effective_lr/body.weight/log10" in acc.Tags()["histograms"]
     events = acc.Histograms("effective_lr/body.weight/log10")
     assert [e.step for e in events] == [1, 3]
     h = events[-1].histogram_value
-    assert h.num == 64 and -4 < h.min <= h.max < math.log10(2.0)
+    opt = trainer.optimizers[0]
+    state, group = opt.state[net.body.weight], opt.param_groups[0]
+    bc2 = 1 - group["betas"][1] ** float(state["step"])
+    rates = group["lr"] / (state["exp_avg_sq"].double() / bc2).sqrt().add(group["eps"])
+    assert h.num == 64 == rates.numel()
+    assert h.min == pytest.approx(rates.min().log10().item(), abs=1e-5)
+    assert h.max == pytest.approx(rates.max().log10().item(), abs=1e-5)
 
 
 @pytest.mark.parametrize("kwargs, match", [({"log_every_n_steps": 0}, "log_every_n_steps"),
