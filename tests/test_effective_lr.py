@@ -489,17 +489,19 @@ def test_stepwise_runs_the_ops_once_for_the_device_steps():
             assert (bc, twice) == (1 - 0.999**t, t * 2)
 
 
-@pytest.mark.parametrize("amsgrad", [False, True])
-def test_adam_rates_of_device_steps_are_each_parameters_own(monkeypatch, amsgrad):
+@pytest.mark.parametrize(("amsgrad", "lr"), [(False, 3e-4), (True, 3e-4), (False, "tensor")])
+def test_adam_rates_of_device_steps_are_each_parameters_own(monkeypatch, amsgrad, lr):
     """With the steps on the device (a fused or capturable Adam on a GPU; here the CPU tensors are taken as such),
-    the specs of a whole group: each scale and eps bit for bit those of the parameter alone, a parameter not
-    stepped yet ``None``, and the tensor ops as many for 24 parameters as for 3."""
+    the specs of a whole group: each scale and eps bit for bit those of the parameter alone (also for a tensor lr,
+    a 0-dim operand beside the group's vector), a parameter not stepped yet ``None``, and the tensor ops as many
+    for 24 parameters as for 3."""
     monkeypatch.setattr(el, "_step", lambda state: state["step"])
+    lr = torch.tensor(3e-4) if lr == "tensor" else lr
 
     def group_of(n):
         torch.manual_seed(n)
         params = [torch.nn.Parameter(torch.randn(5)) for _ in range(n)]
-        opt = torch.optim.Adam(params, lr=3e-4, eps=1e-7, betas=(0.9, 0.95), amsgrad=amsgrad)
+        opt = torch.optim.Adam(params, lr=lr, eps=1e-7, betas=(0.9, 0.95), amsgrad=amsgrad, foreach=False)
         for k in range(3):
             for i, p in enumerate(params[:-1]):  # the last one is never stepped
                 p.grad = torch.randn(5) if k <= i % 3 else None
@@ -519,7 +521,8 @@ def test_adam_rates_of_device_steps_are_each_parameters_own(monkeypatch, amsgrad
         assert len(steps) > 1  # parameters at different steps in one group
         for state, spec in zip(states[:-1], specs[:-1]):
             root_bc2 = (1 - torch.pow(0.95, state["step"].double())).sqrt()
-            assert torch.equal(spec.scale, 3e-4 * root_bc2) and torch.equal(spec.eps, 1e-7 * root_bc2)
+            assert torch.equal(spec.scale, lr * root_bc2) and torch.equal(spec.eps, 1e-7 * root_bc2)
+            assert spec.scale.dtype == (lr * root_bc2).dtype
             alone = el.adam_rate(state, group)
             assert torch.equal(el.effective_lr(spec), el.effective_lr(alone))
     assert ops[0] == ops[1]

@@ -229,7 +229,9 @@ def stepwise(steps: Sequence[float | Tensor], fn: Callable[[float | Tensor], tup
     A fused or capturable optimizer keeps a step count per parameter on the device, so a formula's bias correction
     is a few tensor ops per parameter, each a kernel launch at several microseconds of host time on a GPU: more than
     the statistics themselves for a model of many parameters. Elementwise ops give each element the number they give
-    it alone, so the rates are the same to the last bit.
+    it alone, so the rates are the same to the last bit, provided ``fn`` promotes dtypes alike for a 0-dim step and a
+    vector of them (torch ranks a 0-dim tensor operand, a tensor lr say, below a dimensioned one of the same kind:
+    keep the results at least as wide as any such operand, as Adam's float64 bias correction is).
 
     Example::
 
