@@ -545,7 +545,8 @@ def kernel_sweep(report: Report, sz: Sizes, device: torch.device) -> None:
     try:
         for tile, warps, per_sm in (chosen, (1024, 4, 16), (1024, 4, 8), (2048, 8, 4), (4096, 8, 2), (2048, 4, 8)):
             rt.TILE, rt._NUM_WARPS, rt._PROGRAMS_PER_SM = tile, warps, per_sm
-            rt._constexprs.cache_clear()
+            rt._constexprs.cache_clear()  # both read the settings once and keep them
+            rt._max_programs.cache_clear()
             rate_statistics(specs, per_parameter=False)  # compiled outside the timing
             sync(device)
             runs = []
@@ -558,6 +559,7 @@ def kernel_sweep(report: Report, sz: Sizes, device: torch.device) -> None:
     finally:
         rt.TILE, rt._NUM_WARPS, rt._PROGRAMS_PER_SM = chosen
         rt._constexprs.cache_clear()
+        rt._max_programs.cache_clear()
     report.raw["kernel_sweep_s"] = times
     base = times[f"{chosen[0]}/{chosen[1]}/{chosen[2]}"]
     for k, (name, t) in enumerate(times.items()):
