@@ -489,14 +489,16 @@ def test_stepwise_runs_the_ops_once_for_the_device_steps():
             assert (bc, twice) == (1 - 0.999**t, t * 2)
 
 
-@pytest.mark.parametrize(("amsgrad", "lr"), [(False, 3e-4), (True, 3e-4), (False, "tensor")])
+@pytest.mark.parametrize(("amsgrad", "lr"), [(False, 3e-4), (True, 3e-4), (False, ()), (False, (1,)), (False, (1, 1))],
+                         ids=["float", "amsgrad", "lr-0-dim", "lr-1", "lr-1x1"])
 def test_adam_rates_of_device_steps_are_each_parameters_own(monkeypatch, amsgrad, lr):
     """With the steps on the device (a fused or capturable Adam on a GPU; here the CPU tensors are taken as such),
     the specs of a whole group: each scale and eps bit for bit those of the parameter alone (also for a tensor lr,
-    a 0-dim operand beside the group's vector), a parameter not stepped yet ``None``, and the tensor ops as many
-    for 24 parameters as for 3."""
+    of any one-element shape torch takes, taken as 0-dim), a parameter not stepped yet ``None``, and the tensor ops
+    as many for 24 parameters as for 3."""
     monkeypatch.setattr(el, "_step", lambda state: state["step"])
-    lr = torch.tensor(3e-4) if lr == "tensor" else lr
+    lr = torch.full(lr, 3e-4) if isinstance(lr, tuple) else lr
+    lr0 = lr.reshape(()) if isinstance(lr, torch.Tensor) else lr
 
     def group_of(n):
         torch.manual_seed(n)
@@ -521,8 +523,21 @@ def test_adam_rates_of_device_steps_are_each_parameters_own(monkeypatch, amsgrad
         assert len(steps) > 1  # parameters at different steps in one group
         for state, spec in zip(states[:-1], specs[:-1]):
             root_bc2 = (1 - torch.pow(0.95, state["step"].double())).sqrt()
-            assert torch.equal(spec.scale, lr * root_bc2) and torch.equal(spec.eps, 1e-7 * root_bc2)
-            assert spec.scale.dtype == (lr * root_bc2).dtype
+            assert spec.scale.shape == () and torch.equal(spec.scale, lr0 * root_bc2)
+            assert spec.scale.dtype == (lr0 * root_bc2).dtype and torch.equal(spec.eps, 1e-7 * root_bc2)
             alone = el.adam_rate(state, group)
-            assert torch.equal(el.effective_lr(spec), el.effective_lr(alone))
+            assert alone.scale.shape == () and torch.equal(el.effective_lr(spec), el.effective_lr(alone))
     assert ops[0] == ops[1]
+
+
+def test_stepwise_stacks_only_steps_of_one_dtype_and_checks_what_fn_gives():
+    """Steps of two dtypes are not stacked together (an int64 4097 beside bf16 steps would round to 4096); a
+    result of another shape than one value per step is refused by name."""
+    steps = [torch.tensor(4097), torch.tensor(3.0, dtype=torch.bfloat16), torch.tensor(5.0, dtype=torch.bfloat16),
+             torch.tensor(4099)]
+    got = el.stepwise(steps, lambda t: (t * 1,))
+    assert [r.item() for r, in got] == [4097, 3.0, 5.0, 4099] and got[0][0].dtype == torch.int64
+    with pytest.raises(ValueError, match=r"shape \(1, 2\) for 2 steps"):
+        el.stepwise(steps[1:3], lambda t: (t.reshape(1, -1),))
+    shared = torch.tensor(7.0)
+    assert all(r is shared for r, in el.stepwise(steps[1:3], lambda t: (shared,)))

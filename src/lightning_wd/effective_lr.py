@@ -228,10 +228,13 @@ def stepwise(steps: Sequence[float | Tensor], fn: Callable[[float | Tensor], tup
 
     A fused or capturable optimizer keeps a step count per parameter on the device, so a formula's bias correction
     is a few tensor ops per parameter, each a kernel launch at several microseconds of host time on a GPU: more than
-    the statistics themselves for a model of many parameters. Elementwise ops give each element the number they give
-    it alone, so the rates are the same to the last bit, provided ``fn`` promotes dtypes alike for a 0-dim step and a
-    vector of them (torch ranks a 0-dim tensor operand, a tensor lr say, below a dimensioned one of the same kind:
-    keep the results at least as wide as any such operand, as Adam's float64 bias correction is).
+    the statistics themselves for a model of many parameters. On a GPU an elementwise op gives each element the
+    number it gives it alone (on a CPU, vectorized ``pow`` may differ in the last bit of a float64), so the rates are
+    the same to the last bit, provided ``fn`` promotes dtypes alike for a 0-dim step and a vector of them: torch ranks
+    a 0-dim tensor operand (a tensor lr, say) below a dimensioned one of the same kind, so keep the results at least
+    as wide as any such operand (as Adam's float64 bias correction is), and every tensor operand 0-dim. ``fn`` gives
+    numbers, 0-dim tensors (shared by every step) or one value per step; the steps of one device and dtype are
+    stacked together (stacking steps of two dtypes would round them).
 
     Example::
 
@@ -239,19 +242,24 @@ def stepwise(steps: Sequence[float | Tensor], fn: Callable[[float | Tensor], tup
         [4.0, tensor(6.)]
     """
     out: list[tuple[Scalar, ...] | None] = [None] * len(steps)
-    on_device: dict[torch.device, list[int]] = {}
+    batches: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(steps):
-        if isinstance(t, Tensor):
-            on_device.setdefault(t.device, []).append(i)
+        if isinstance(t, Tensor):  # one dtype per stack: stacking int64 with bf16 steps would round them
+            batches.setdefault((t.device, t.dtype), []).append(i)
         else:
             out[i] = fn(t)
-    for index in on_device.values():
-        if len(index) == 1:
-            out[index[0]] = fn(steps[index[0]])
+    for index in batches.values():
+        if len(index) == 1:  # 0-dim, as each step of a stack is: the same promotions either way
+            out[index[0]] = fn(steps[index[0]].reshape(()))
             continue
+        n = len(index)
         results = fn(torch.stack([steps[i].reshape(()) for i in index]))
+        for r in results:
+            if isinstance(r, Tensor) and r.dim() and r.shape != (n,):
+                raise ValueError(f"stepwise: fn gave a result of shape {tuple(r.shape)} for {n} steps; it must give "
+                                 f"numbers, 0-dim tensors (the same for every step) or one value per step ({n},)")
         for k, i in enumerate(index):
-            out[i] = tuple(r[k] for r in results)
+            out[i] = tuple(r[k] if isinstance(r, Tensor) and r.dim() else r for r in results)
     return out  # type: ignore[return-value]
 
 
@@ -261,10 +269,13 @@ def adam_rates(states: Sequence[dict[str, Any]], group: dict[str, Any], params: 
     (:func:`stepwise`)."""
     key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
     stepped = [i for i, state in enumerate(states) if key in state]
+    # torch takes an lr tensor of one element in any shape: as a 0-dim one, it is a scalar of the rate whatever the
+    # steps' shape, and a group's rates are those of each parameter alone
+    lr = group["lr"].reshape(()) if isinstance(group["lr"], Tensor) else group["lr"]
 
     def scalars(t: float | Tensor) -> tuple[Scalar, Scalar]:
         root_bc2 = _sqrt(_bias_correction(group["betas"][1], t))
-        return group["lr"] * root_bc2, group["eps"] * root_bc2
+        return lr * root_bc2, group["eps"] * root_bc2
 
     out: list[RateSpec | None] = [None] * len(states)
     for i, (scale, eps) in zip(stepped, stepwise([_step(states[i]) for i in stepped], scalars)):
