@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import KernelOps
 
 import lightning_wd.effective_lr as el
 from lightning_wd.effective_lr import (
@@ -456,20 +457,6 @@ def test_index_add_counting_used_off_the_cpu_matches_bincount():
 
 
 # --- a group's bias corrections at once ------------------------------------------------------------------------------
-class _TensorOps(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the ops that run a kernel on a GPU (views and metadata ops aside)."""
-
-    VIEWS = {"select", "view", "detach", "alias", "unsqueeze", "squeeze", "reshape", "slice", "lift_fresh"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func.overloadpacket.__name__ not in self.VIEWS
-        return func(*args, **(kwargs or {}))
-
-
 def test_stepwise_runs_the_ops_once_for_the_device_steps():
     """Host steps one by one, device steps (tensors) stacked into one call: each gets fn's numbers, as 0-dim
     views of the group's results."""
@@ -514,7 +501,7 @@ def test_adam_rates_of_device_steps_are_each_parameters_own(monkeypatch, amsgrad
     for n in (3, 24):
         opt, params = group_of(n)
         group, states = opt.param_groups[0], [opt.state[p] for p in params]
-        counter = _TensorOps()
+        counter = KernelOps()
         with counter:
             specs = el.adam_rates(states, group, params)
         ops.append(counter.count)

@@ -679,19 +679,9 @@ def test_a_logging_steps_launches_do_not_grow_with_the_parameters(monkeypatch):
     """What a logging step launches for a group (the torch ops that run a kernel, and the Triton launches), from
     the optimizer's state to the statistics, is the same for 4 parameters as for 32, with the step counts on the
     device as a fused AdamW keeps them (``benchmarks/launch_count.py`` prints the counts)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from helpers import KernelOps
 
     from lightning_wd.optimizers import formula_for
-
-    views = {"select", "view", "detach", "alias", "unsqueeze", "squeeze", "reshape", "slice", "lift_fresh", "expand",
-             "split", "split_with_sizes", "_local_scalar_dense"}
-
-    class Ops(TorchDispatchMode):
-        count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Ops.count += func.overloadpacket.__name__ not in views
-            return func(*args, **(kwargs or {}))
 
     monkeypatch.setattr(el, "_TRITON_DEVICES", ("cuda", DEVICE.type))
     monkeypatch.setattr(el, "_step", lambda state: state["step"])
@@ -704,11 +694,10 @@ def test_a_logging_steps_launches_do_not_grow_with_the_parameters(monkeypatch):
         group = opt.param_groups[0]
         params = list(group["params"])
         states = [opt.state[p] for p in params]
-        launches = Launches(monkeypatch)
-        Ops.count = 0
-        with Ops():
+        launches, ops = Launches(monkeypatch), KernelOps()
+        with ops:
             got = rate_statistics(formula_for(opt)[1].specs(states, group, params), per_parameter=False)
-        counts.append((Ops.count, len(launches.grids["_coarse_kernel"]), len(launches.grids["_fine_kernel"])))
+        counts.append((ops.count, len(launches.grids["_coarse_kernel"]), len(launches.grids["_fine_kernel"])))
         assert torch.isfinite(got).all()
     # one launch per phase for the weights, one for the biases (8 elements: not a multiple of 16, no 16-byte loads)
     assert counts[0] == counts[1] and counts[0][1:] == (2, 2)

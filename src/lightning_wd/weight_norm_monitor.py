@@ -201,7 +201,8 @@ class WeightNormMonitor(StepCallback):
             key, params = self._group_key(optimizer, gi), list(group["params"])
             record.groups.append(_GroupPlan(
                 index=gi, key=key, params=params, slots=self._slots_of(key, params), lr=keep(group["lr"]),
-                form=self._form(optimizer, group), decay=_keep(decay, keep), param_decay=_keep_each(param_decay, keep),
+                form=self._form(optimizer, group), decay=_keep(decay, keep),
+                param_decay=_each_distinct(param_decay, lambda d: _keep(d, keep)),
             ))
         return record
 
@@ -262,7 +263,7 @@ class WeightNormMonitor(StepCallback):
                 if math.isfinite(total):
                     out[f"timescale_fraction/{plan.key}"] = 1 / (decay[1] * total)
             w_sq, start = squares[start : start + len(plan.params)], start + len(plan.params)
-            resolved = _resolved_each(plan.param_decay, value)
+            resolved = _each_distinct(plan.param_decay, lambda d: _resolved(d, value))
             for slot, d, w2 in zip(plan.slots, resolved, w_sq):
                 g2 = grad_sq.get(id(slot.param))
                 predicted = equilibrium_norm(plan.form, slot.param, lr, d, w2, g2) if slot.matrix else None
@@ -314,11 +315,12 @@ def _keep(decay: Decay | None, keep: Any) -> Decay | None:
     return None if decay is None else (decay[0], keep(decay[1]))
 
 
-def _keep_each(decays: list[Decay | None], keep: Any) -> list[Decay | None]:
-    """``_keep`` of each parameter's decay, once per distinct decay: the parameters of a group share a few (the
-    group's, ``None`` where excluded), and a tensor-valued one is then read once, not once per parameter."""
-    kept = {id(d): _keep(d, keep) for d in {id(d): d for d in decays}.values()}
-    return [kept[id(d)] for d in decays]
+def _each_distinct(decays: list[Decay | None], fn: Any) -> list[Decay | None]:
+    """``fn`` of each parameter's decay, once per distinct decay: the parameters of a group share a few (the
+    group's, ``None`` where excluded), and a tensor-valued one is then kept, and read, once, not once per
+    parameter."""
+    done = {id(d): fn(d) for d in {id(d): d for d in decays}.values()}
+    return [done[id(d)] for d in decays]
 
 
 def _resolved(decay: Decay | None, value: Any) -> Decay | None:
@@ -327,10 +329,3 @@ def _resolved(decay: Decay | None, value: Any) -> Decay | None:
         return None
     x = float(value(decay[1]))
     return (decay[0], x) if x > 0 else None
-
-
-def _resolved_each(decays: list[Decay | None], value: Any) -> list[Decay | None]:
-    """``_resolved`` of each parameter's decay, once per distinct decay (the kept decays are shared as in
-    :func:`_keep_each`)."""
-    resolved = {id(d): _resolved(d, value) for d in {id(d): d for d in decays}.values()}
-    return [resolved[id(d)] for d in decays]
