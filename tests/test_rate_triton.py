@@ -643,18 +643,21 @@ for capability in (int(c) for c in sys.argv[1:]):
             consts = {**constexprs, **extra}
             src = triton.compiler.ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(consts, "constexpr")},
                                             constexprs=consts)
-            ptx = triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                                 options={"num_warps": rt._NUM_WARPS}).asm["ptx"]
+            compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                                      options={"num_warps": rt._NUM_WARPS})
+            assert compiled.asm.get("cubin"), "no cubin: ptxas did not run"
+            ptx = compiled.asm["ptx"]
             loads = set(re.findall(r"ld\.global\.(v4|v2)?", ptx))
             print(kernel.__name__, capability, key.aligned, "v4" in loads or "v2" in loads)
 """
 
 
 def test_the_kernels_compile_for_cuda_gpus(tmp_path):
-    """Both kernels, for the kinds of launch key, compiled ahead of time for an A100 and an H100/H200 (``sm_80``,
-    ``sm_90``) as Triton compiles them on a GPU, here without one: a kernel that only the interpreter takes would
-    otherwise first fail on a user's GPU. An aligned key loads 16 bytes at a time (vector loads), as a pointer
-    argument of Triton's own alignment would."""
+    """Both kernels, for the kinds of launch key (fp32, and bf16 beside tensor scalars), compiled ahead of time to a
+    cubin as Triton compiles them on a GPU, here without one, for a T4 (``sm_75``, no bf16 arithmetic of its own), an
+    A100, an H100/H200 and a consumer Blackwell (``sm_120``): a kernel that only the interpreter takes would otherwise
+    first fail on a user's GPU. An aligned key loads 16 bytes at a time (vector loads), as a pointer argument of
+    Triton's own alignment would."""
     import importlib.util
     import os
     import subprocess
@@ -665,11 +668,12 @@ def test_the_kernels_compile_for_cuda_gpus(tmp_path):
         pytest.skip("this Triton has no NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
-    done = subprocess.run([sys.executable, "-c", _COMPILE, "80", "90"], env=env, capture_output=True, text=True,
+    capabilities = ["75", "80", "90", "120"]
+    done = subprocess.run([sys.executable, "-c", _COMPILE, *capabilities], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = sorted(done.stdout.split("\n")[:-1])
-    assert len(lines) == 8
+    assert len(lines) == 4 * len(capabilities)
     for line in lines:
         name, capability, aligned, vector = line.split()
         assert vector == aligned, line  # vector loads exactly where the key says the state is aligned

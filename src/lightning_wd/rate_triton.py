@@ -26,7 +26,8 @@ grid of programs x rows, one launch per phase for all the states of a block that
 of their scalars and 16-byte alignment (the one launch per state per phase before cost ~50 us per small parameter:
 2,000 parameters of 4,096 elements took 100 ms). A state's address from the table carries no alignment that Triton
 can see, so the kernel states it (``tl.multiple_of``) where the host checked it, and loads 16 bytes at a time as it
-would from a pointer argument. The kernels compile for ``sm_80`` and ``sm_90`` in the tests, without a GPU.
+would from a pointer argument. The kernels compile to cubins for ``sm_75`` (T4), ``sm_80``, ``sm_90`` and ``sm_120`` in
+the tests, without a GPU.
 
 :func:`triton_accepts` says which :class:`~lightning_wd.effective_lr.RateSpec` the kernels may read (a plain dense
 state behind a root or copy ``fill``, on a CUDA device); :func:`triton_rate_statistics` is ``rate_statistics`` for a
