@@ -19,9 +19,11 @@ import torch
 from _common import interleaved_medians
 
 import lightning_wd.effective_lr as el
+from lightning_wd.optimizers.torch_rates import adam_rate
+from lightning_wd.rates import RateSpec
 
 
-def adam_specs(params: list[torch.nn.Parameter], steps: int = 2) -> list[el.RateSpec]:
+def adam_specs(params: list[torch.nn.Parameter], steps: int = 2) -> list[RateSpec]:
     """The rate specs of a fused AdamW over ``params`` after ``steps`` steps."""
     opt = torch.optim.AdamW(params, lr=1e-4, fused=params[0].is_cuda)
     for _ in range(steps):
@@ -29,7 +31,7 @@ def adam_specs(params: list[torch.nn.Parameter], steps: int = 2) -> list[el.Rate
             p.grad = torch.randn_like(p) * 10 ** torch.randn_like(p)
         opt.step()
     group = opt.param_groups[0]
-    return [el.adam_rate(opt.state[p], group, p) for p in params]
+    return [adam_rate(opt.state[p], group, p) for p in params]
 
 
 def passes(device: torch.device) -> dict[str, contextlib.AbstractContextManager]:
@@ -39,7 +41,7 @@ def passes(device: torch.device) -> dict[str, contextlib.AbstractContextManager]
     return found
 
 
-def time_passes(specs: list[el.RateSpec], device: torch.device, repeats: int) -> dict[str, float]:
+def time_passes(specs: list[RateSpec], device: torch.device, repeats: int) -> dict[str, float]:
     def run(context) -> None:
         with context():
             el.rate_statistics(specs)

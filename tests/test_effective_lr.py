@@ -11,10 +11,7 @@ from helpers import KernelOps
 import lightning_wd.effective_lr as el
 from lightning_wd.effective_lr import (
     BLOCK_ROWS,
-    RateSpec,
     accumulate_partials,
-    adafactor_rate,
-    adam_rate,
     effective_lr,
     empty_partials,
     histogram_median_rel_error,
@@ -23,6 +20,9 @@ from lightning_wd.effective_lr import (
     summarize_partials,
 )
 from lightning_wd.optimizers import formula_for
+from lightning_wd.optimizers import torch_rates as tr
+from lightning_wd.optimizers.torch_rates import adafactor_rate, adam_rate
+from lightning_wd.rates import RateSpec, flat_view, stepwise, zero_fill
 
 # --- the formulas against the optimizers' own updates, in float64 ---------------------------------------------
 
@@ -162,7 +162,7 @@ def test_adafactor_rate_with_a_tensor_lr_or_a_device_step_is_that_of_floats(monk
         floats = effective_lr(adafactor_rate(state, group, w))
         tensor_lr = effective_lr(adafactor_rate(state, {**group, "lr": torch.tensor(0.3)}, w))
         with monkeypatch.context() as m:
-            m.setattr(el, "_step", lambda state: state["step"])
+            m.setattr(tr, "step_count", lambda state: state["step"])
             device_step = effective_lr(adafactor_rate(state, group, w))
         torch.testing.assert_close(tensor_lr, floats, rtol=1e-6, atol=0)
         torch.testing.assert_close(device_step, floats, rtol=1e-6, atol=0)
@@ -223,7 +223,7 @@ def test_a_device_step_gives_the_rate_of_a_host_step(monkeypatch):
             spec_of = formula_for(opt)[1].spec
             host = effective_lr(spec_of(state, group, w))
             with monkeypatch.context() as m:
-                m.setattr(el, "_step", lambda state: state["step"])
+                m.setattr(tr, "step_count", lambda state: state["step"])
                 spec = spec_of(state, group, w)
                 assert isinstance(spec.scale, torch.Tensor)
                 device = effective_lr(spec)
@@ -385,7 +385,7 @@ def test_rates_outside_the_histogram_range_land_in_the_end_bins():
     def partials_of(rates: list[float]):
         ext, sums = empty_partials(1, cpu)
         for r in rates:  # the rate r / (0 + 1)
-            accumulate_partials(RateSpec(r, 1.0, 1, el._zero_fill, cpu), ext[0], sums[0], make_scratch(1, cpu))
+            accumulate_partials(RateSpec(r, 1.0, 1, zero_fill, cpu), ext[0], sums[0], make_scratch(1, cpu))
         return ext, sums
 
     ext, sums = partials_of([lo / 100, lo / 10, hi * 10, hi * 100, hi * 1000])
@@ -426,7 +426,7 @@ def test_a_low_precision_state_is_summarized_in_fp32():
 
 def test_a_channels_last_state_is_read_without_a_copy():
     v = torch.rand(2, 3, 4, 5).to(memory_format=torch.channels_last)
-    flat = el._flat(v)
+    flat = flat_view(v)
     assert flat.data_ptr() == v.data_ptr() and sorted(flat.tolist()) == sorted(v.flatten().tolist())
 
 
@@ -467,7 +467,7 @@ def test_stepwise_runs_the_ops_once_for_the_device_steps():
         return 1 - torch.pow(0.999, t.double()) if isinstance(t, torch.Tensor) else 1 - 0.999**t, t * 2
 
     steps = [3.0, torch.tensor(5.0), torch.tensor(7.0), 2.0, torch.tensor(11.0)]
-    got = el.stepwise(steps, fn)
+    got = stepwise(steps, fn)
     assert len(calls) == 3 and calls[2].shape == (3,)
     for t, (bc, twice) in zip(steps, got):
         if isinstance(t, torch.Tensor):
@@ -483,7 +483,7 @@ def test_adam_rates_of_device_steps_are_each_parameters_own(monkeypatch, amsgrad
     the specs of a whole group: each scale and eps bit for bit those of the parameter alone (also for a tensor lr,
     of any one-element shape torch takes, taken as 0-dim), a parameter not stepped yet ``None``, and the tensor ops
     as many for 24 parameters as for 3."""
-    monkeypatch.setattr(el, "_step", lambda state: state["step"])
+    monkeypatch.setattr(tr, "step_count", lambda state: state["step"])
     lr = torch.full(lr, 3e-4) if isinstance(lr, tuple) else lr
     lr0 = lr.reshape(()) if isinstance(lr, torch.Tensor) else lr
 
@@ -503,7 +503,7 @@ def test_adam_rates_of_device_steps_are_each_parameters_own(monkeypatch, amsgrad
         group, states = opt.param_groups[0], [opt.state[p] for p in params]
         counter = KernelOps()
         with counter:
-            specs = el.adam_rates(states, group, params)
+            specs = tr.adam_rates(states, group, params)
         ops.append(counter.count)
         assert specs[-1] is None
         steps = {float(s["step"]) for s in states[:-1]}
@@ -512,7 +512,7 @@ def test_adam_rates_of_device_steps_are_each_parameters_own(monkeypatch, amsgrad
             root_bc2 = (1 - torch.pow(0.95, state["step"].double())).sqrt()
             assert spec.scale.shape == () and torch.equal(spec.scale, lr0 * root_bc2)
             assert spec.scale.dtype == (lr0 * root_bc2).dtype and torch.equal(spec.eps, 1e-7 * root_bc2)
-            alone = el.adam_rate(state, group)
+            alone = tr.adam_rate(state, group)
             assert alone.scale.shape == () and torch.equal(el.effective_lr(spec), el.effective_lr(alone))
     assert ops[0] == ops[1]
 
@@ -522,9 +522,9 @@ def test_stepwise_stacks_only_steps_of_one_dtype_and_checks_what_fn_gives():
     result of another shape than one value per step is refused by name."""
     steps = [torch.tensor(4097), torch.tensor(3.0, dtype=torch.bfloat16), torch.tensor(5.0, dtype=torch.bfloat16),
              torch.tensor(4099)]
-    got = el.stepwise(steps, lambda t: (t * 1,))
+    got = stepwise(steps, lambda t: (t * 1,))
     assert [r.item() for r, in got] == [4097, 3.0, 5.0, 4099] and got[0][0].dtype == torch.int64
     with pytest.raises(ValueError, match=r"shape \(1, 2\) for 2 steps"):
-        el.stepwise(steps[1:3], lambda t: (t.reshape(1, -1),))
+        stepwise(steps[1:3], lambda t: (t.reshape(1, -1),))
     shared = torch.tensor(7.0)
-    assert all(r is shared for r, in el.stepwise(steps[1:3], lambda t: (shared,)))
+    assert all(r is shared for r, in stepwise(steps[1:3], lambda t: (shared,)))

@@ -152,6 +152,8 @@ def test_cuda_monitor_statistics_match_the_cpu_and_do_not_sync(impl, amsgrad):
     import dataclasses
 
     import lightning_wd.effective_lr as el
+    from lightning_wd.optimizers.torch_rates import adam_rate
+    from lightning_wd.rates import root_fill
 
     torch.manual_seed(0)
     model = torch.nn.Linear(256, 256).cuda()
@@ -165,7 +167,7 @@ def test_cuda_monitor_statistics_match_the_cpu_and_do_not_sync(impl, amsgrad):
         state = opt.state[p]
         torch.cuda.set_sync_debug_mode("error")
         try:
-            spec = el.adam_rate(state, group, p)
+            spec = adam_rate(state, group, p)
             gpu = el.empty_partials(1, p.device)
             el.accumulate_partials(spec, gpu.ext[0], gpu.sums[0], el.make_scratch(1000, p.device))  # several chunks
             gpu_stats = el.summarize_partials(*gpu)
@@ -178,7 +180,7 @@ def test_cuda_monitor_statistics_match_the_cpu_and_do_not_sync(impl, amsgrad):
             return x.cpu() if isinstance(x, torch.Tensor) else x
 
         cpu_spec = dataclasses.replace(spec, scale=on_cpu(spec.scale), eps=on_cpu(spec.eps),
-                                       device=torch.device("cpu"), fill=el._root_fill(v))
+                                       device=torch.device("cpu"), fill=root_fill(v))
         cpu = el.empty_partials(1, torch.device("cpu"))
         el.accumulate_partials(cpu_spec, cpu.ext[0], cpu.sums[0], el.make_scratch(v.numel(), torch.device("cpu")))
         assert torch.equal(gpu.ext.cpu(), cpu.ext) and torch.equal(gpu.sums[:, 1:].cpu(), cpu.sums[:, 1:])

@@ -23,8 +23,10 @@ pytest.importorskip("triton")
 
 import lightning_wd.effective_lr as el  # noqa: E402
 from lightning_wd import rate_triton as rt  # noqa: E402
-from lightning_wd.effective_lr import MANTISSA_BITS, RATE_EXPONENTS, Partials, RateSpec, rate_statistics  # noqa: E402
+from lightning_wd.effective_lr import MANTISSA_BITS, RATE_EXPONENTS, Partials, rate_statistics  # noqa: E402
+from lightning_wd.optimizers import torch_rates as tr  # noqa: E402
 from lightning_wd.rate_triton import TILE, triton_accepts, triton_rate_statistics  # noqa: E402
+from lightning_wd.rates import RateSpec, copy_fill, root_fill  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -94,7 +96,7 @@ def assert_matches(got: torch.Tensor, want: torch.Tensor) -> None:
 def spec_of(u: torch.Tensor, scale: float | torch.Tensor = 3e-4, eps: float | torch.Tensor = 1e-8,
             root: bool = True) -> RateSpec:
     """The rate of state ``u`` behind the fill the optimizer formulas use (a root, or a copy as Adamax's)."""
-    fill = el._root_fill(u) if root else el._copy_fill(u)
+    fill = root_fill(u) if root else copy_fill(u)
     return RateSpec(scale, eps, u.numel(), fill, u.device)
 
 
@@ -222,8 +224,8 @@ def test_a_real_optimizer_state():
     """Adam's and Adamax's specs, as the monitor builds them from a stepped optimizer."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Linear(40, 3)).to(DEVICE)
-    for opt, formula in ((torch.optim.Adam(net.parameters(), lr=1e-3), el.adam_rate),
-                         (torch.optim.Adamax(net.parameters(), lr=2e-3), el.adamax_rate)):
+    for opt, formula in ((torch.optim.Adam(net.parameters(), lr=1e-3), tr.adam_rate),
+                         (torch.optim.Adamax(net.parameters(), lr=2e-3), tr.adamax_rate)):
         for _ in range(3):
             net(torch.randn(16, 24, device=DEVICE)).square().mean().backward()
             opt.step()
@@ -541,7 +543,7 @@ def _refused() -> dict[str, RateSpec]:
     cases = {
         "subclass": spec_of(u.as_subclass(Subclass)),
         "not contiguous": _with_flat(u, u[::2]),
-        "numel mismatch": RateSpec(1e-3, 1e-8, 15, el._root_fill(u), u.device),
+        "numel mismatch": RateSpec(1e-3, 1e-8, 15, root_fill(u), u.device),
         "float64 state": spec_of(u.double()),
         "integer state": spec_of(torch.arange(16, device=DEVICE, dtype=torch.int32)),
         "zero tensor": spec_of(torch._efficientzerotensor(4, device=DEVICE)),
@@ -688,7 +690,7 @@ def test_a_logging_steps_launches_do_not_grow_with_the_parameters(monkeypatch):
     from lightning_wd.optimizers import formula_for
 
     monkeypatch.setattr(el, "_TRITON_DEVICES", ("cuda", DEVICE.type))
-    monkeypatch.setattr(el, "_step", lambda state: state["step"])
+    monkeypatch.setattr(tr, "step_count", lambda state: state["step"])
     counts = []
     for layers in (2, 16):
         net = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(layers)]).to(DEVICE)

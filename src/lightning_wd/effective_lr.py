@@ -1,47 +1,38 @@
-"""Effective learning rates of adaptive optimizers, and the statistics that summarize them, as plain torch functions.
+"""The statistics of a param group's effective learning rates (min, max, mean and median, per parameter, per bucket
+of parameters and for the whole group), as plain torch functions.
 
-An adaptive optimizer moves each element of a parameter by ``rate * m``: ``m`` is the element's bias-corrected first
-moment (Adam's ``m_hat``), or its gradient where the optimizer keeps no first moment, and ``rate``, the element's
-*effective learning rate*, has the form ``scale / (sqrt(u) + eps)``, with ``u`` a second-moment estimate and
-``scale``, ``eps`` scalars. The functions ``*_rate`` below read one parameter's ``scale``, ``eps`` and ``u`` from its
-optimizer state and param group (each formula is in its function's docstring); which optimizer uses which is in its
-entry of the optimizer registry (:mod:`lightning_wd.optimizers`, ``OptimizerRule.effective_lr``).
-
-A :class:`RateSpec` describes one parameter's rate without computing it: ``scale``, ``eps``, and a ``fill`` that
-writes ``sqrt(u)`` for a range of elements into a buffer. :func:`rate_statistics` streams the parameters of a param
-group through one chunk-sized scratch buffer and returns the min, max, mean and median of each parameter's rate and of
-the whole group's, with no host read and with memory that grows neither with the size of the largest parameter nor
-with the number of parameters. On a CUDA GPU, a state read by a plain root goes through two fused Triton kernels instead
-(:mod:`lightning_wd.rate_triton`, :func:`fused_kernel_available`): two reads of the state for all the
-statistics, about half the time of the torch ops.
+A :class:`~lightning_wd.rates.RateSpec` describes one parameter's rate ``scale / (sqrt(u) + eps)`` without computing
+it (the optimizers' formulas that make them are in their registry entries, :mod:`lightning_wd.optimizers`).
+:func:`rate_statistics` streams the parameters of a param group through one chunk-sized scratch buffer and returns the
+min, max, mean and median of each parameter's rate and of the whole group's, with no host read and with memory that
+grows neither with the size of the largest parameter nor with the number of parameters. On a CUDA GPU, a state read
+by a plain root goes through two fused Triton kernels instead (:mod:`lightning_wd.rate_triton`,
+:func:`fused_kernel_available`): two reads of the state for all the statistics. :func:`effective_lr` computes every
+element's rate, the reference the statistics are tested against.
 
 Example::
 
     >>> import torch
-    >>> w = torch.nn.Parameter(torch.zeros(3))
-    >>> opt = torch.optim.Adam([w], lr=1e-3)
-    >>> w.grad = torch.tensor([1e-4, 1e-2, 1.0])
-    >>> opt.step()
-    >>> spec = adam_rate(opt.state[w], opt.param_groups[0], w)
-    >>> [round(x, 4) for x in effective_lr(spec).tolist()]  # after one step v_hat = grad**2: lr / (|grad| + eps)
+    >>> from lightning_wd.rates import root_rate
+    >>> v = torch.tensor([1e-8, 1e-4, 1.0])  # a second moment: Adam's after one step of gradients 1e-4, 1e-2, 1
+    >>> spec = root_rate(v, scale=1e-3, eps=1e-8)
+    >>> [round(x, 4) for x in effective_lr(spec).tolist()]  # lr / (sqrt(v) + eps)
     [9.999, 0.1, 0.001]
-    >>> w_stats, group_stats = rate_statistics([spec])  # [min, max, mean, median] of w, then of its param group
-    >>> [round(x, 4) for x in w_stats.tolist()]  # the median from a histogram: within 0.39% of 0.1
+    >>> v_stats, group_stats = rate_statistics([spec])  # [min, max, mean, median] of v's rates, then of the group
+    >>> [round(x, 4) for x in v_stats.tolist()]  # the median from a histogram: within 0.39% of 0.1
     [0.001, 9.999, 3.3667, 0.0999]
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from lightning_wd._types import Scalar
+from lightning_wd.rates import RateSpec
 
 #: the statistics logged for every parameter, in this order
 STATS: tuple[str, ...] = ("min", "max", "mean", "median")
@@ -64,20 +55,8 @@ __all__ = [
     "MANTISSA_BITS",
     "RATE_EXPONENTS",
     "STATS",
-    "Formula",
-    "ORTHOGONALIZED",
-    "PLAIN_LR",
-    "SIGN_UPDATE",
     "Partials",
-    "RateSpec",
     "accumulate_partials",
-    "adafactor_rate",
-    "bias_correction",
-    "root_rate",
-    "adagrad_rate",
-    "adam_rate",
-    "adam_rates",
-    "adamax_rate",
     "chunk_elements",
     "effective_lr",
     "empty_partials",
@@ -86,387 +65,9 @@ __all__ = [
     "fused_kernel_enabled",
     "histogram_median_rel_error",
     "make_scratch",
-    "radam_rate",
     "rate_statistics",
-    "rmsprop_rate",
-    "sparse_adam_rate",
-    "stepwise",
     "summarize_partials",
 ]
-
-
-
-@dataclass(frozen=True)
-class RateSpec:
-    """The effective learning rate ``scale / (sqrt(u) + eps)`` of each element of one parameter.
-
-    Args:
-        scale, eps: Python floats or 0-dim tensors (on the state's device, or CPU); never read on the host.
-        numel: the number of elements.
-        fill: ``fill(start, stop, out)`` writes ``sqrt(u)`` of the elements ``start:stop`` (in the order of the
-            state's memory, which is all the statistics need) into the fp32 tensor ``out`` of ``stop - start``
-            elements. It writes the root rather than ``u`` so that for Adam the read of the state and the square
-            root are one pass (``torch.sqrt(v, out=...)``), and Adamax's ``exp_inf`` goes in as it is.
-        device: where the state lives and the work happens.
-        row: ``fill`` is only asked for whole rows of this many elements (Adafactor's factored second moment is
-            built row by row).
-
-    Example::
-
-        >>> v = torch.tensor([4.0, 16.0])
-        >>> spec = RateSpec(1e-2, 0.0, 2, lambda a, b, out: torch.sqrt(v[a:b], out=out), v.device)
-        >>> effective_lr(spec)
-        tensor([0.0050, 0.0025])
-    """
-
-    scale: Scalar
-    eps: Scalar
-    numel: int
-    fill: Callable[[int, int, Tensor], None]
-    device: torch.device
-    row: int = 1
-
-
-# --- the formulas, one function per optimizer family ------------------------------------------------------------
-
-
-def _step(state: dict[str, Any]) -> float | Tensor:
-    """The step count ``t`` after the update: a float when it lives on the host, else the device tensor (no sync)."""
-    step = state["step"]
-    if isinstance(step, Tensor) and step.device.type == "cpu":
-        return float(step)  # a CPU scalar, as torch's own optimizers keep it: reading it costs no device sync
-    return step
-
-
-def _bias_correction(beta: float, step: float | Tensor) -> Scalar:
-    """``1 - beta^step``: a float for a host step, an fp64 tensor on the step's device for a device step."""
-    if isinstance(step, Tensor):
-        return 1 - torch.pow(beta, step.double())
-    return 1 - beta**step
-
-
-def _sqrt(x: Scalar) -> Scalar:
-    return x.sqrt() if isinstance(x, Tensor) else math.sqrt(x)
-
-
-def _minimum(a: Scalar, b: Scalar) -> Scalar:
-    """``min(a, b)`` of floats or 0-dim tensors, without reading a tensor on the host."""
-    if isinstance(a, Tensor) or isinstance(b, Tensor):
-        return torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
-    return min(a, b)
-
-
-def _flat(t: Tensor) -> Tensor:
-    """All elements of ``t`` as a 1-D view in memory order (a copy only for a tensor that is not dense).
-
-    The statistics do not depend on the order of the elements, so a channels-last state needs no copy; states of
-    one parameter share their strides, so their flat views pair up element by element.
-    """
-    t = t.detach()
-    if t.is_complex():  # a complex state holds two numbers per element, each with its own rate, as the optimizer
-        t = torch.view_as_real(t.resolve_conj())  # sees them (torch's optimizers step them through view_as_real)
-    if t.is_contiguous():
-        return t.view(-1)
-    t = t.permute(sorted(range(t.dim()), key=lambda d: t.stride(d), reverse=True))
-    return t.view(-1) if t.is_contiguous() else t.reshape(-1)
-
-
-class _StateFill:
-    """``fill`` writing ``sqrt(t)`` (``root=True``) or ``t`` itself (a state that is already the root, as Adamax's
-    ``exp_inf``), over ``t``'s elements in memory order. Its ``flat`` state is also what the fused Triton pass reads
-    in place of the calls (:func:`fused_kernel_available`)."""
-
-    def __init__(self, t: Tensor, root: bool) -> None:
-        self.flat = _flat(t)
-        self.root = root
-
-    def __call__(self, start: int, stop: int, out: Tensor) -> None:
-        part = self.flat[start:stop]
-        if not self.root:
-            out.copy_(part)
-        elif part.dtype == torch.float32:
-            torch.sqrt(part, out=out)
-        else:  # a low-precision state in fp32 (`torch.sqrt(bf16, out=fp32)` would take the root in bf16)
-            out.copy_(part).sqrt_()
-
-
-def _root_fill(t: Tensor) -> _StateFill:
-    """``fill`` writing ``sqrt(t)``."""
-    return _StateFill(t, root=True)
-
-
-def _copy_fill(t: Tensor) -> _StateFill:
-    """``fill`` writing ``t`` itself, for a state that is already the root (Adamax's ``exp_inf``)."""
-    return _StateFill(t, root=False)
-
-
-def _numel(t: Tensor) -> int:
-    """The number of rates of a state ``t``: twice its elements for a complex one (see :func:`_flat`)."""
-    return t.numel() * (2 if t.is_complex() else 1)
-
-
-def _zero_fill(start: int, stop: int, out: Tensor) -> None:
-    out.zero_()
-
-
-def root_rate(v: Tensor, scale: Scalar, eps: Scalar) -> RateSpec:
-    """``scale / (sqrt(v) + eps)`` of every element of the second-moment state ``v``: the shape of most formulas
-    (the registry's family modules build theirs from it)."""
-    return RateSpec(scale, eps, _numel(v), _root_fill(v), v.device)
-
-
-def bias_correction(beta: float, step: float | Tensor) -> Scalar:
-    """``1 - beta**step`` (see :func:`_bias_correction`)."""
-    return _bias_correction(beta, step)
-
-
-def stepwise(steps: Sequence[float | Tensor], fn: Callable[[float | Tensor], tuple[Scalar, ...]]
-             ) -> list[tuple[Scalar, ...]]:
-    """``fn(step)`` for the step count of each of a group's parameters, with the tensor ops run once per group: a
-    host step (a float) on its own, the device steps of one device stacked into one vector and passed to ``fn`` at
-    once, each parameter getting 0-dim views of the results.
-
-    A fused or capturable optimizer keeps a step count per parameter on the device, so a formula's bias correction
-    is a few tensor ops per parameter, each a kernel launch at several microseconds of host time on a GPU: more than
-    the statistics themselves for a model of many parameters. On a GPU an elementwise op gives each element the
-    number it gives it alone (on a CPU, vectorized ``pow`` may differ in the last bit of a float64), so the rates are
-    the same to the last bit, provided ``fn`` promotes dtypes alike for a 0-dim step and a vector of them: torch ranks
-    a 0-dim tensor operand (a tensor lr, say) below a dimensioned one of the same kind, so keep the results at least
-    as wide as any such operand (as Adam's float64 bias correction is), and every tensor operand 0-dim. ``fn`` gives
-    numbers, 0-dim tensors (shared by every step) or one value per step; the steps of one device and dtype are
-    stacked together (stacking steps of two dtypes would round them).
-
-    Example::
-
-        >>> [r for r, in stepwise([2.0, torch.tensor(3.0)], lambda t: (t * 2,))]
-        [4.0, tensor(6.)]
-    """
-    out: list[tuple[Scalar, ...] | None] = [None] * len(steps)
-    batches: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(steps):
-        if isinstance(t, Tensor):  # one dtype per stack: stacking int64 with bf16 steps would round them
-            batches.setdefault((t.device, t.dtype), []).append(i)
-        else:
-            out[i] = fn(t)
-    for index in batches.values():
-        if len(index) == 1:  # 0-dim, as each step of a stack is: the same promotions either way
-            out[index[0]] = fn(steps[index[0]].reshape(()))
-            continue
-        n = len(index)
-        results = fn(torch.stack([steps[i].reshape(()) for i in index]))
-        for r in results:
-            if isinstance(r, Tensor) and r.dim() and r.shape != (n,):
-                raise ValueError(f"stepwise: fn gave a result of shape {tuple(r.shape)} for {n} steps; it must give "
-                                 f"numbers, 0-dim tensors (the same for every step) or one value per step ({n},)")
-        for k, i in enumerate(index):
-            out[i] = tuple(r[k] if isinstance(r, Tensor) and r.dim() else r for r in results)
-    return out  # type: ignore[return-value]
-
-
-def adam_rates(states: Sequence[dict[str, Any]], group: dict[str, Any], params: Sequence[Tensor] | None = None
-               ) -> list[RateSpec | None]:
-    """:func:`adam_rate` of the parameters of one param group, with their bias corrections computed together
-    (:func:`stepwise`)."""
-    key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
-    stepped = [i for i, state in enumerate(states) if key in state]
-    # torch takes an lr tensor of one element in any shape: as a 0-dim one, it is a scalar of the rate whatever the
-    # steps' shape, and a group's rates are those of each parameter alone
-    lr = group["lr"].reshape(()) if isinstance(group["lr"], Tensor) else group["lr"]
-
-    def scalars(t: float | Tensor) -> tuple[Scalar, Scalar]:
-        root_bc2 = _sqrt(_bias_correction(group["betas"][1], t))
-        return lr * root_bc2, group["eps"] * root_bc2
-
-    out: list[RateSpec | None] = [None] * len(states)
-    for i, (scale, eps) in zip(stepped, stepwise([_step(states[i]) for i in stepped], scalars)):
-        v = states[i][key]
-        out[i] = RateSpec(scale, eps, _numel(v), _root_fill(v), v.device)
-    return out
-
-
-def adam_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
-    """``lr / (sqrt(v / (1 - beta2^t)) + eps)``, the factor of ``m_hat = m / (1 - beta1^t)`` in the update of
-    ``torch.optim.Adam`` and ``AdamW``, with ``v = max_exp_avg_sq`` under AMSGrad, else ``exp_avg_sq``.
-
-    It is also ``torch.optim.NAdam``'s rate (decoupled decay or not): NAdam divides by the same denominator, and
-    its momentum-schedule weights ``mu_t`` are scalars of its numerator, which this rate multiplies:
-    ``(1 - mu_t) / (1 - prod mu) * grad + mu_{t+1} / (1 - prod mu * mu_{t+1}) * m``.
-
-    Computed as ``lr * sqrt(bc2) / (sqrt(v) + eps * sqrt(bc2))``, the same number, so that the square root is taken
-    of ``v`` as it is stored. ``None`` for a parameter the optimizer has not stepped yet. :func:`adam_rates` makes
-    those of a whole group.
-    """
-    return adam_rates([state], group)[0]
-
-
-def sparse_adam_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
-    """``lr * sqrt(1 - beta2^t) / (sqrt(v) + eps)``, the factor of ``m_hat`` in ``torch.optim.SparseAdam``'s update
-    (its ``eps`` is added before the bias correction, unlike Adam's). A step moves only the rows of its sparse
-    gradient; this is the rate of each element at the step that moves it."""
-    if "exp_avg_sq" not in state:
-        return None
-    v = state["exp_avg_sq"]
-    root_bc2 = _sqrt(_bias_correction(group["betas"][1], _step(state)))
-    return RateSpec(group["lr"] * root_bc2, group["eps"], _numel(v), _root_fill(v), v.device)
-
-
-def radam_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
-    """``lr * r_t * sqrt(1 - beta2^t) / (sqrt(v) + eps)`` once ``torch.optim.RAdam`` rectifies (``rho_t > 5``), else
-    ``lr`` for every element: the factor of ``m_hat`` in its update, with torch's
-    ``rho_t = rho_inf - 2 t beta2^t / (1 - beta2^t)``, ``rho_inf = 2 / (1 - beta2) - 1`` and
-    ``r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))``. For a device step
-    (``capturable``) the choice is made on the device."""
-    if "exp_avg_sq" not in state:
-        return None
-    v, lr, eps = state["exp_avg_sq"], group["lr"], group["eps"]
-    beta2, t = group["betas"][1], _step(state)
-    bc2 = _bias_correction(beta2, t)
-    rho_inf = 2 / (1 - beta2) - 1
-    rho_t = rho_inf - 2 * t * beta2**t / bc2
-    rect_sq = (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
-    if isinstance(rho_t, Tensor):
-        on = rho_t > 5
-        root_fill = _root_fill(v)
-
-        def fill(start: int, stop: int, out: Tensor) -> None:
-            root_fill(start, stop, out)
-            out.mul_(on)  # sqrt(u) = 0 and eps = 1 before rectification: the rate is lr
-
-        # where() keeps the NaN of the root of a negative rect_sq out of the chosen branch
-        scale = torch.where(on, lr * rect_sq.clamp(min=0).sqrt() * bc2.sqrt(), lr)
-        return RateSpec(scale, torch.where(on, eps, 1.0), _numel(v), fill, v.device)
-    if rho_t > 5:
-        return RateSpec(lr * math.sqrt(rect_sq) * math.sqrt(bc2), eps, _numel(v), _root_fill(v), v.device)
-    return RateSpec(lr, 1.0, _numel(v), _zero_fill, v.device)
-
-
-def adamax_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
-    """``lr / exp_inf``: the factor of the bias-corrected first moment ``m / (1 - beta1^t)`` in the update of
-    ``torch.optim.Adamax``, which torch writes ``lr / (1 - beta1^t) * m / exp_inf`` (its ``eps`` is inside
-    ``exp_inf``, the running max of ``|grad| + eps``)."""
-    if "exp_inf" not in state:
-        return None
-    u = state["exp_inf"]
-    return RateSpec(group["lr"], 0.0, _numel(u), _copy_fill(u), u.device)
-
-
-def rmsprop_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
-    """``lr / (sqrt(square_avg) + eps)``, with ``square_avg - grad_avg^2`` under ``centered=True``: the factor of the
-    gradient in ``torch.optim.RMSprop``'s update. With ``momentum > 0`` the gradient times ``rate / lr`` enters the
-    momentum buffer, which the update multiplies by ``lr``."""
-    if "square_avg" not in state:
-        return None
-    sq = state["square_avg"]
-    if not group.get("centered", False):
-        return RateSpec(group["lr"], group["eps"], _numel(sq), _root_fill(sq), sq.device)
-    sq_flat, avg_flat = _flat(sq), _flat(state["grad_avg"])
-
-    def fill(start: int, stop: int, out: Tensor) -> None:
-        s, g = sq_flat[start:stop], avg_flat[start:stop]
-        if s.dtype == torch.float32:
-            torch.addcmul(s, g, g, value=-1, out=out)
-        else:
-            out.copy_(s).addcmul_(g, g, value=-1)
-        out.sqrt_()
-
-    return RateSpec(group["lr"], group["eps"], _numel(sq), fill, sq.device)
-
-
-def adagrad_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
-    """``lr / (1 + (t - 1) * lr_decay) / (sqrt(sum) + eps)``: the factor of the gradient in ``torch.optim.Adagrad``'s
-    update. ``None`` before the parameter's first step (Adagrad makes its state when it is built)."""
-    if "sum" not in state:
-        return None
-    t = _step(state)
-    if not isinstance(t, Tensor) and t == 0:
-        return None
-    s = state["sum"]
-    return RateSpec(group["lr"] / (1 + (t - 1) * group["lr_decay"]), group["eps"], _numel(s), _root_fill(s), s.device)
-
-
-def adafactor_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor) -> RateSpec | None:
-    """``alpha / sqrt(max(v_est, eps1^2))``: the factor of the gradient in ``torch.optim.Adafactor``'s update.
-
-    ``v_est = row_var ⊗ col_var / max(mean(row_var), eps1)`` (torch's ``var_estimate``, built here one chunk of rows
-    at a time, never for the whole parameter), or ``variance`` for a parameter of fewer than 2 dimensions;
-    ``eps1`` is the machine epsilon of the parameter's dtype when the group's ``eps[0]`` is None.
-    ``alpha = max(eps2, RMS(p)) * min(lr, 1 / sqrt(t))``, its relative step size.
-
-    Two factors of the update are not in this rate. ``RMS(p)``: torch measures it before the update, this function
-    (called after the step) measures ``param`` as it is given, so the rate is off by the step's relative change of
-    the parameter's RMS (``RMS(p_after) / RMS(p_before)``), unless ``eps2`` dominates. And torch's update clipping,
-    the factor ``1 / max(1, RMS(update) / d)`` (with ``d`` the group's ``d``, 1 by default), which depends on the
-    gradient, not on the state.
-    """
-    if "row_var" not in state and "variance" not in state:
-        return None
-    if param.numel() == 0:
-        return None
-    eps1, eps2 = group["eps"]
-    eps1 = torch.finfo(param.dtype).eps if eps1 is None else eps1
-    rho = _minimum(group["lr"], 1 / _sqrt(_step(state)))
-    p = param.detach()
-    rms = torch.linalg.vector_norm(p, dtype=torch.promote_types(p.dtype, torch.float32)) / math.sqrt(p.numel())
-    alpha = rms.clamp_(min=eps2).mul_(rho)
-    if "variance" in state:
-        flat = _flat(state["variance"])
-
-        def fill_variance(start: int, stop: int, out: Tensor) -> None:
-            out.copy_(flat[start:stop]).clamp_(min=eps1 * eps1).sqrt_()
-
-        return RateSpec(alpha, 0.0, param.numel(), fill_variance, param.device)
-    row_var, col_var = state["row_var"], state["col_var"]  # (..., R, 1) and (..., 1, C)
-    n_rows, n_cols = row_var.shape[-2], col_var.shape[-1]
-    rows = row_var.detach().reshape(-1).float()  # one entry per row of every matrix (small: no parameter-sized copy)
-    cols = col_var.detach().reshape(-1, n_cols).float()
-    means = row_var.detach().float().mean(dim=-2).clamp_(min=eps1).reshape(-1)
-
-    def fill(start: int, stop: int, out: Tensor) -> None:
-        r, end = start // n_cols, stop // n_cols
-        while r < end:  # one matrix of a batch of matrices at a time
-            m = r // n_rows
-            r_stop = min(end, (m + 1) * n_rows)
-            seg = out[(r - start // n_cols) * n_cols : (r_stop - start // n_cols) * n_cols].view(r_stop - r, n_cols)
-            torch.mul(rows[r:r_stop, None], cols[m], out=seg).div_(means[m])  # as torch: (row @ col) / mean
-            r = r_stop
-        out.clamp_(min=eps1 * eps1).sqrt_()
-
-    return RateSpec(alpha, 0.0, param.numel(), fill, param.device, row=n_cols)
-
-
-@dataclass(frozen=True)
-class Formula:
-    """What the monitor knows about one optimizer class.
-
-    Args:
-        spec: ``spec(state, group, param)`` makes one parameter's :class:`RateSpec` (``None`` for a parameter not
-            stepped yet); ``None`` for an optimizer without a per-element rate.
-        note: for an optimizer without one, why, and what to log instead.
-        sharded: whether ``spec`` works on one process's shard of a parameter (FSDP2); Adafactor's factored second
-            moment and its RMS(p) span the shards.
-        batch: ``batch(states, group, params)``, the specs of a group's parameters at once, where making them one
-            by one costs tensor ops per parameter (a bias correction of a step kept on the device, see
-            :func:`stepwise`); it must give what ``spec`` gives for each.
-    """
-
-    spec: Callable[[dict[str, Any], dict[str, Any], Tensor], RateSpec | None] | None
-    note: str = ""
-    sharded: bool = True
-    batch: Callable[[Sequence[dict[str, Any]], dict[str, Any], Sequence[Tensor]], list[RateSpec | None]] | None = None
-
-    def specs(self, states: Sequence[dict[str, Any]], group: dict[str, Any], params: Sequence[Tensor]
-              ) -> list[RateSpec | None]:
-        """The :class:`RateSpec` of each of a group's parameters (``None`` for one not stepped yet)."""
-        if self.batch is not None:
-            return self.batch(states, group, params)
-        assert self.spec is not None
-        return [self.spec(state, group, p) for state, p in zip(states, params)]
-
-
-#: the formulas of optimizers without a per-element rate, shared by their registry entries
-SIGN_UPDATE = Formula(None, "its update is the sign of a momentum (every element moves by lr): no per-element rate")
-PLAIN_LR = Formula(None, "its rate is the lr itself for every element: use LearningRateMonitor")
-ORTHOGONALIZED = Formula(None, "it orthogonalizes the whole update matrix: no elementwise rate")
 
 
 # --- the statistics ---------------------------------------------------------------------------------------------

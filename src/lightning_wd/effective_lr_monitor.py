@@ -18,15 +18,14 @@ from lightning_wd.config import check_bool
 from lightning_wd.decay import local_tensor
 from lightning_wd.effective_lr import (
     STATS,
-    Formula,
     Partials,
-    RateSpec,
     effective_lr,
     fused_kernel_available,
     fused_kernel_enabled,
     rate_statistics,
 )
 from lightning_wd.optimizers import formula_for
+from lightning_wd.rates import Formula, RateSpec
 from lightning_wd.sharding import check_no_fsdp1, shard_groups
 
 __all__ = ["EffectiveLRMonitor"]

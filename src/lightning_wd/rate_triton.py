@@ -54,9 +54,8 @@ from lightning_wd.effective_lr import (
     MANTISSA_BITS,
     STATS,
     Partials,
-    RateSpec,
-    _StateFill,
 )
+from lightning_wd.rates import RateSpec, _StateFill
 
 try:
     import triton

@@ -13,7 +13,6 @@ from typing import Any
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_wd.effective_lr import SIGN_UPDATE, Formula, RateSpec, root_rate
 from lightning_wd.optimizers.directions import lion_direction
 from lightning_wd.optimizers.registry import (
     Equilibrium,
@@ -24,6 +23,7 @@ from lightning_wd.optimizers.registry import (
     register_optimizer,
     switch,
 )
+from lightning_wd.rates import SIGN_UPDATE, Formula, RateSpec, root_rate
 
 LION = lambda optimizer, group: Equilibrium("lion")  # noqa: E731
 

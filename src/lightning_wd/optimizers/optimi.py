@@ -12,9 +12,9 @@ from typing import Any
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_wd.effective_lr import PLAIN_LR, SIGN_UPDATE, Formula, RateSpec, root_rate
 from lightning_wd.optimizers.directions import lion_direction
 from lightning_wd.optimizers.registry import Equilibrium, Group, OptimizerRule, non_default, register_optimizer
+from lightning_wd.rates import PLAIN_LR, SIGN_UPDATE, Formula, RateSpec, root_rate
 
 DECOUPLE_WD = {"decoupled": {"decouple_wd": True, "decouple_lr": False},
                "coupled": {"decouple_wd": False, "decouple_lr": False}}

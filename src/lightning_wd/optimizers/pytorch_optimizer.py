@@ -14,15 +14,6 @@ from typing import Any
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_wd.effective_lr import (
-    ORTHOGONALIZED,
-    PLAIN_LR,
-    SIGN_UPDATE,
-    Formula,
-    RateSpec,
-    bias_correction,
-    root_rate,
-)
 from lightning_wd.optimizers.directions import lion_direction
 from lightning_wd.optimizers.registry import (
     Equilibrium,
@@ -32,6 +23,15 @@ from lightning_wd.optimizers.registry import (
     always,
     non_default,
     register_optimizer,
+)
+from lightning_wd.rates import (
+    ORTHOGONALIZED,
+    PLAIN_LR,
+    SIGN_UPDATE,
+    Formula,
+    RateSpec,
+    bias_correction,
+    root_rate,
 )
 
 PACKAGE = "pytorch_optimizer.optimizer"

@@ -28,8 +28,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_wd._types import Group, Scalar
-from lightning_wd.effective_lr import Formula
 from lightning_wd.modes import MODES
+from lightning_wd.rates import Formula
 
 GroupTest = Callable[[Group], bool]
 Refusal = Callable[[Optimizer, Group, str], Union[str, None]]

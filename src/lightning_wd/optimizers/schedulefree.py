@@ -12,8 +12,8 @@ from typing import Any
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_wd.effective_lr import Formula, RateSpec, bias_correction, root_rate
 from lightning_wd.optimizers.registry import Group, OptimizerRule, non_default, register_optimizer
+from lightning_wd.rates import Formula, RateSpec, bias_correction, root_rate
 
 _Z = ("a schedule-free optimizer follows a second sequence z that a decay of the weights (y) before its step does"
       " not reach; use mode='decoupled' (its own decay) without exclusions, or mode='coupled'")

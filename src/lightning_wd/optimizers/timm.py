@@ -12,9 +12,10 @@ from typing import Any
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_wd.effective_lr import SIGN_UPDATE, Formula, RateSpec, adam_rate
 from lightning_wd.optimizers.directions import lion_direction
 from lightning_wd.optimizers.registry import Equilibrium, Group, OptimizerRule, always, non_default, register_optimizer
+from lightning_wd.optimizers.torch_rates import adam_rate
+from lightning_wd.rates import SIGN_UPDATE, Formula, RateSpec
 
 PACKAGE = "timm.optim"
 CORRECTED = "corrected_weight_decay"

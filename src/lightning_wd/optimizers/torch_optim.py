@@ -5,19 +5,6 @@ from __future__ import annotations
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_wd.effective_lr import (
-    ORTHOGONALIZED,
-    PLAIN_LR,
-    Formula,
-    adafactor_rate,
-    adagrad_rate,
-    adam_rate,
-    adam_rates,
-    adamax_rate,
-    radam_rate,
-    rmsprop_rate,
-    sparse_adam_rate,
-)
 from lightning_wd.optimizers.directions import Direction, adam_direction, gradient_direction, sgd_direction
 from lightning_wd.optimizers.registry import (
     Equilibrium,
@@ -28,6 +15,17 @@ from lightning_wd.optimizers.registry import (
     non_default,
     register_optimizer,
 )
+from lightning_wd.optimizers.torch_rates import (
+    adafactor_rate,
+    adagrad_rate,
+    adam_rate,
+    adam_rates,
+    adamax_rate,
+    radam_rate,
+    rmsprop_rate,
+    sparse_adam_rate,
+)
+from lightning_wd.rates import ORTHOGONALIZED, PLAIN_LR, Formula
 
 # torch's Adam, AdamW, NAdam and RAdam keep the switch in each param group: `decoupled_weight_decay`
 _FLAG = "decoupled_weight_decay"
