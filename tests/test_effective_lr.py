@@ -528,3 +528,21 @@ def test_stepwise_stacks_only_steps_of_one_dtype_and_checks_what_fn_gives():
         stepwise(steps[1:3], lambda t: (t.reshape(1, -1),))
     shared = torch.tensor(7.0)
     assert all(r is shared for r, in stepwise(steps[1:3], lambda t: (shared,)))
+
+
+def test_the_formulas_old_import_path_still_works_and_names_the_new_one():
+    """A registration written against ``lightning_wd.effective_lr`` (where ``Formula`` and the formulas lived before
+    they moved to :mod:`lightning_wd.rates` and :mod:`lightning_wd.optimizers.torch_rates`) gets the same objects,
+    with a ``DeprecationWarning`` naming where they are now; an unknown name is still an AttributeError."""
+    from lightning_wd import rates
+    from lightning_wd.optimizers import torch_rates
+
+    for name, module in (("Formula", rates), ("root_rate", rates), ("stepwise", rates), ("adam_rate", torch_rates),
+                         ("radam_rate", torch_rates)):
+        with pytest.warns(DeprecationWarning, match=rf"{name} has moved to {module.__name__}\.{name}"):
+            assert getattr(el, name) is getattr(module, name)
+    with pytest.warns(DeprecationWarning, match="lightning_wd.rates.Formula"):
+        from lightning_wd.effective_lr import Formula
+    assert Formula is rates.Formula
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        el.no_such_thing  # noqa: B018

@@ -26,6 +26,8 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import importlib
+import warnings
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -68,6 +70,25 @@ __all__ = [
     "rate_statistics",
     "summarize_partials",
 ]
+
+#: names this module held until the formulas moved out (0.x, 2026-12): still importable from here, with a warning
+_MOVED: dict[str, str] = {
+    **dict.fromkeys(["ORTHOGONALIZED", "PLAIN_LR", "SIGN_UPDATE", "Formula", "RateSpec", "bias_correction", "root_rate",
+                     "stepwise"], "lightning_wd.rates"),
+    **dict.fromkeys(["adafactor_rate", "adagrad_rate", "adam_rate", "adam_rates", "adamax_rate", "radam_rate",
+                     "rmsprop_rate", "sparse_adam_rate"], "lightning_wd.optimizers.torch_rates"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The formulas' names at their old place (``from lightning_wd.effective_lr import Formula`` in a registration),
+    from their new module, with a ``DeprecationWarning`` that names it."""
+    where = _MOVED.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(f"lightning_wd.effective_lr.{name} has moved to {where}.{name}; import it from there.",
+                  DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(where), name)
 
 
 # --- the statistics ---------------------------------------------------------------------------------------------

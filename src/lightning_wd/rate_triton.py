@@ -29,7 +29,7 @@ can see, so the kernel states it (``tl.multiple_of``) where the host checked it,
 would from a pointer argument. The kernels compile to cubins for ``sm_75`` (T4), ``sm_80``, ``sm_90`` and ``sm_120`` in
 the tests, without a GPU.
 
-:func:`triton_accepts` says which :class:`~lightning_wd.effective_lr.RateSpec` the kernels may read (a plain dense
+:func:`triton_accepts` says which :class:`~lightning_wd.rates.RateSpec` the kernels may read (a plain dense
 state behind a root or copy ``fill``, on a CUDA device); :func:`triton_rate_statistics` is ``rate_statistics`` for a
 group of them. Without Triton the module imports all the same (``HAS_TRITON`` is ``False``) and accepts nothing.
 """

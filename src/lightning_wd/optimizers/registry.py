@@ -133,7 +133,7 @@ class OptimizerRule:
             flattened elements ``[start, stop)``, computed before the step from the state and the gradient; ``None``
             (or a ``None`` result) where the sign of the update cannot be known before the step.
         effective_lr: what :class:`lightning_wd.EffectiveLRMonitor` reads: a
-            :class:`lightning_wd.effective_lr.Formula` (the function that makes a parameter's rate from its state, or
+            :class:`lightning_wd.rates.Formula` (the function that makes a parameter's rate from its state, or
             the reason why the optimizer has no per-element rate); ``None``: not known.
         equilibrium: the :class:`Equilibrium` form of its update for a group (a function of the optimizer and the
             group, ``None`` where the paper's forms do not apply, e.g. AMSGrad), for the equilibrium norm of
@@ -179,7 +179,7 @@ class OptimizerRule:
                      "update_direction", "equilibrium", "inner"):
             _check_callable(name, getattr(self, name))
         if self.effective_lr is not None and not isinstance(self.effective_lr, Formula):
-            raise TypeError(f"OptimizerRule `effective_lr` must be a lightning_wd.effective_lr.Formula or None, got"
+            raise TypeError(f"OptimizerRule `effective_lr` must be a lightning_wd.rates.Formula or None, got"
                             f" {self.effective_lr!r}.")
         if not isinstance(self.description, str):
             raise TypeError(f"OptimizerRule `description` must be a string, got {self.description!r}.")
@@ -268,7 +268,7 @@ def rule_for(optimizer: Optimizer | type) -> tuple[OptimizerRule, type | None]:
 
 
 def formula_for(optimizer: Optimizer | type) -> tuple[type, Formula] | None:
-    """The effective-lr :class:`~lightning_wd.effective_lr.Formula` of ``optimizer``'s class (or of the nearest
+    """The effective-lr :class:`~lightning_wd.rates.Formula` of ``optimizer``'s class (or of the nearest
     registered base class), with that class; ``None`` where none is known.
 
     Example::

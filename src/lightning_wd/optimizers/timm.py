@@ -33,8 +33,8 @@ def _max_lr(flag: str | None = None):
 
 
 def unclipped_adam_rate(state: dict[str, Any], group: dict[str, Any], param: Tensor | None = None) -> RateSpec | None:
-    """:func:`~lightning_wd.effective_lr.adam_rate`, except with ``clipping_threshold``, which rescales each step's
-    denominator by the RMS of that step's update (a factor the state does not keep): then none."""
+    """:func:`~lightning_wd.optimizers.torch_rates.adam_rate`, except with ``clipping_threshold``, which rescales each
+    step's denominator by the RMS of that step's update (a factor the state does not keep): then none."""
     return None if group.get("clipping_threshold") is not None else adam_rate(state, group, param)
 
 
