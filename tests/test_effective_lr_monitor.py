@@ -390,3 +390,23 @@ def test_a_cpu_run_says_nothing_of_the_gpu_kernel(tmp_path, caplog):
         make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor()], max_steps=2, log_every_n_steps=1).fit(
             Net(CONFIGS["adam"]), loader())
     assert not [r for r in caplog.records if "Triton" in r.getMessage()]
+
+
+@pytest.mark.parametrize("config, slow", [("adafactor", True), ("centered_rmsprop", True), ("adam", False)])
+def test_a_group_the_fused_kernel_cannot_read_is_said_once(tmp_path, caplog, monkeypatch, config, slow):
+    """Where the fused pass runs (here the CPU, under Triton's interpreter), a group whose formula computes its rate
+    from the state (Adafactor's factored second moment, centered RMSprop) takes the eager pass: a GPU user is told
+    so once per group, at its first logging step, with the count of such parameters; Adam's is read as stored."""
+    make_opt = {"adafactor": lambda m: torch.optim.Adafactor(m.parameters(), lr=1e-2),
+                "centered_rmsprop": lambda m: torch.optim.RMSprop(m.parameters(), lr=1e-3, centered=True),
+                "adam": CONFIGS["adam"]}[config]
+    with statistics_pass_of("triton", monkeypatch), caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        make_trainer(CSVLogger(tmp_path), [EffectiveLRMonitor()], max_steps=3, log_every_n_steps=1).fit(
+            Net(make_opt), loader())
+    said = [r.getMessage() for r in caplog.records if "cannot read the rates" in r.getMessage()]
+    if not slow:
+        assert said == []
+        return
+    assert len(said) == 1, said  # three logging steps, one group: said once
+    # Adafactor: the weight matrices' factored moments and the biases' `variance` behind a clamp; RMSprop: sq - avg^2
+    assert "4 of the 4 parameters of" in said[0] and "log_every_n_steps" in said[0]

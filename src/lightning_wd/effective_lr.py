@@ -65,6 +65,7 @@ __all__ = [
     "fused_kernel_available",
     "fused_kernel_disabled",
     "fused_kernel_enabled",
+    "fused_kernel_reads",
     "histogram_median_rel_error",
     "make_scratch",
     "rate_statistics",
@@ -114,11 +115,24 @@ def fused_kernel_available(device: torch.device | str | None = None) -> bool:
     accelerator Triton does not serve) the eager pass runs.
     """
     device = torch.device(device) if device is not None else None
-    if not _triton_enabled or (device.type != "cuda" if device is not None else not torch.cuda.is_available()):
+    if not _triton_enabled or (device.type not in _TRITON_DEVICES if device is not None
+                               else not torch.cuda.is_available()):
         return False
     from lightning_wd import rate_triton
 
     return rate_triton.HAS_TRITON
+
+
+def fused_kernel_reads(spec: RateSpec) -> bool:
+    """Whether the fused Triton pass can read ``spec`` where it runs (:func:`fused_kernel_available`): a state it
+    reads as stored, behind a plain root or copy (:func:`lightning_wd.rate_triton.triton_accepts`). A formula that
+    computes its root (Adafactor's factored second moment, centered RMSprop, capturable RAdam's rectification)
+    takes the eager pass, and so does every spec of a :func:`rate_statistics` call that holds one."""
+    if not fused_kernel_available(spec.device):
+        return False
+    from lightning_wd import rate_triton
+
+    return rate_triton.triton_accepts(spec, interpret=spec.device.type == "cpu")
 
 
 @contextlib.contextmanager
@@ -325,8 +339,9 @@ def rate_statistics(
     ``buckets[i]`` is spec ``i``'s bucket, or ``None``), and of all of them together (the last row, with
     ``per_group``), on the first spec's device.
 
-    On a CUDA GPU with Triton the fused pass takes the specs whose state it can read
-    (:func:`fused_kernel_available`); otherwise, or for any other spec in the call, the eager torch pass below.
+    On a CUDA GPU with Triton the fused pass takes the call when it can read every spec's state
+    (:func:`fused_kernel_available`, :func:`fused_kernel_reads`); otherwise the eager torch pass below takes all of
+    it (the group's median needs one histogram of all its specs).
 
     Each parameter's statistics are accumulated into a row of a block of :data:`BLOCK_ROWS` rows through a
     chunk-sized scratch buffer; a full block is summarized into four numbers per row and added into the group's

@@ -22,6 +22,7 @@ from lightning_wd.effective_lr import (
     effective_lr,
     fused_kernel_available,
     fused_kernel_enabled,
+    fused_kernel_reads,
     rate_statistics,
 )
 from lightning_wd.optimizers import formula_for
@@ -123,6 +124,7 @@ class EffectiveLRMonitor(StepCallback):
         self._listeners: list[tuple[Optimizer, _Listener]] = []
         self._pending: list[tuple[list[str | None], Tensor]] = []
         self._histograms: list[tuple[str, Tensor]] = []
+        self._checked_pass: set[str] = set()  # the groups whose pass was looked at this fit (once each)
 
     # --- set-up -------------------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -130,6 +132,7 @@ class EffectiveLRMonitor(StepCallback):
         super().on_fit_start(trainer, pl_module)
         self._reported = reported_parameters(pl_module, self.per_parameter, self.per_module)
         self._listeners = []
+        self._checked_pass = set()
         skipped: dict[str, str] = {}  # what is skipped -> why
         for opt in self._optimizers:
             found, cls = formula_for(opt), type(opt).__name__
@@ -172,6 +175,7 @@ class EffectiveLRMonitor(StepCallback):
             modules = sorted({r.module for r in reported if r.module is not None})
             buckets = [modules.index(r.module) if r.module is not None else None for r in reported]
             own = [r.own for r in reported]
+            self._say_if_eager(optimizer, gi, specs)
             values = rate_statistics(specs, any(own), self.per_group, shards, _all_reduce, buckets, len(modules))
             # every row goes to the host (16 bytes each); those not selected are dropped there: picking rows on the
             # device would need an index tensor made from host data, a synchronizing copy on a GPU
@@ -182,6 +186,24 @@ class EffectiveLRMonitor(StepCallback):
             if self.log_histogram:
                 self._histograms.extend((f"effective_lr/{r.name}/log10", effective_lr(spec))
                                         for r, spec, sharded in zip(reported, specs, shards) if r.own and not sharded)
+
+    def _say_if_eager(self, optimizer: Optimizer, gi: int, specs: list[RateSpec]) -> None:
+        """Once per group and fit, at its first logging step: where the fused pass runs but cannot read some of the
+        group's rates, say that the group takes the eager pass, and what that costs there."""
+        key = self._group_key(optimizer, gi)
+        if key in self._checked_pass:
+            return
+        self._checked_pass.add(key)
+        if not fused_kernel_available(specs[0].device):
+            return  # no fused pass there at all: said at fit start on a GPU
+        unread = sum(not fused_kernel_reads(s) for s in specs)
+        if unread:
+            rank_zero_info(
+                f"EffectiveLRMonitor: the fused Triton kernel cannot read the rates of {unread} of the {len(specs)}"
+                f" parameters of {key} ({type(optimizer).__name__}'s formula computes them from its state), so this"
+                " group's statistics are computed with torch ops, many times slower on a GPU: a logging step may"
+                " cost several optimizer steps. Log less often (log_every_n_steps) if that shows in the fit time."
+            )
 
     def _specs(self, optimizer: Optimizer, formula: Formula, gi: int, group: dict[str, Any]
                ) -> tuple[list[RateSpec], list[Any], list[Reported]]:
