@@ -221,9 +221,9 @@ def test_cuda_low_bit_optimizers_decoupled_native_and_coupled_adapted(name):
     assert not torch.equal(coupled, ours)
 
 
-def logged_fit(callbacks, steps=6, sync_check=False):
+def logged_fit(callbacks, steps=6, sync_check=False, cls=torch.optim.AdamW, opt_kwargs=None):
     logger = Recording()
-    module = Tiny(torch.optim.AdamW, foreach=True)
+    module = Tiny(cls, **(opt_kwargs if opt_kwargs is not None else {"foreach": True}))
     torch.manual_seed(0)
     trainer = L.Trainer(accelerator="cuda", devices=1, max_steps=steps, logger=logger, log_every_n_steps=2,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -243,6 +243,31 @@ def test_cuda_monitor_triton_pass_equals_the_eager_pass():
     fused = logged_fit([monitor()])
     with el.fused_kernel_disabled():
         eager = logged_fit([monitor()])
+    assert fused.keys() == eager.keys() and len(fused) == (4 + 1 + 1) * 4
+    for key, value in fused.items():
+        if key.endswith("/mean"):
+            assert value == pytest.approx(eager[key], rel=1e-6), key
+        else:
+            assert value == eager[key], key
+
+
+STAGED = {"Adafactor": (torch.optim.Adafactor, {}), "RMSprop centered": (torch.optim.RMSprop, {"centered": True}),
+          "RAdam capturable": (torch.optim.RAdam, {"capturable": True})}
+
+
+@pytest.mark.parametrize("name", list(STAGED))
+def test_cuda_staged_formulas_take_the_triton_pass_and_equal_the_eager_pass(name, monkeypatch):
+    """Formulas that compute their root from the state (not stored, so not read as stored) are staged through a
+    scratch buffer into the same kernels: the eager pass's statistics, as for Adam above, and the eager pass does
+    not run."""
+    import lightning_wd.effective_lr as el
+
+    cls, kwargs = STAGED[name]
+    monitor = lambda: EffectiveLRMonitor(per_parameter=True, per_module=1)  # noqa: E731
+    with el.fused_kernel_disabled():
+        eager = logged_fit([monitor()], cls=cls, opt_kwargs=kwargs)
+    monkeypatch.setattr(el, "_eager_rate_statistics", lambda *a: pytest.fail("the eager pass ran"))
+    fused = logged_fit([monitor()], cls=cls, opt_kwargs=kwargs)
     assert fused.keys() == eager.keys() and len(fused) == (4 + 1 + 1) * 4
     for key, value in fused.items():
         if key.endswith("/mean"):

@@ -25,7 +25,7 @@ import lightning_wd.effective_lr as el  # noqa: E402
 from lightning_wd import rate_triton as rt  # noqa: E402
 from lightning_wd.effective_lr import MANTISSA_BITS, RATE_EXPONENTS, Partials, rate_statistics  # noqa: E402
 from lightning_wd.optimizers import torch_rates as tr  # noqa: E402
-from lightning_wd.rate_triton import TILE, triton_accepts, triton_rate_statistics  # noqa: E402
+from lightning_wd.rate_triton import TILE, triton_accepts, triton_rate_statistics, triton_stages  # noqa: E402
 from lightning_wd.rates import RateSpec, copy_fill, root_fill  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -538,18 +538,25 @@ def _with_flat(u: torch.Tensor, flat: torch.Tensor) -> RateSpec:
     return spec
 
 
-def _refused() -> dict[str, RateSpec]:
+def _staged() -> dict[str, RateSpec]:
+    """Specs whose state the kernels cannot read as stored, but whose fill writes the roots: staged."""
     u = spread(16, seed=1)
-    cases = {
+    return {
         "subclass": spec_of(u.as_subclass(Subclass)),
-        "not contiguous": _with_flat(u, u[::2]),
+        "not contiguous": _with_flat(u, spread(32, seed=2)[::2]),
         "numel mismatch": RateSpec(1e-3, 1e-8, 15, root_fill(u), u.device),
         "float64 state": spec_of(u.double()),
         "integer state": spec_of(torch.arange(16, device=DEVICE, dtype=torch.int32)),
         "zero tensor": spec_of(torch._efficientzerotensor(4, device=DEVICE)),
         "negation view": _with_flat(u, torch._neg_view(u)),
-        "conjugate view": _with_flat(u, torch.randn(8, dtype=torch.complex64, device=DEVICE).conj()),
-        "a fill of its own": RateSpec(1e-3, 1e-8, 16, lambda a, b, out: torch.sqrt(u[a:b], out=out), u.device),
+        "a fill of its own": RateSpec(1e-3, 1e-8, 16, lambda a, b, out: torch.sqrt(u[a:b] * 3, out=out), u.device),
+    }
+
+
+def _refused() -> dict[str, RateSpec]:
+    """Specs with a scale or eps the kernels cannot read: neither staged nor read."""
+    u = spread(16, seed=1)
+    cases = {
         "scale of one element, not 0-dim": spec_of(u, torch.tensor([1e-3], device=DEVICE)),
         "integer scale tensor": spec_of(u, torch.tensor(1, device=DEVICE)),
         "complex eps": spec_of(u, 1e-3, 1e-8j),
@@ -561,20 +568,83 @@ def _refused() -> dict[str, RateSpec]:
     return cases
 
 
-REFUSED = list(_refused())
+STAGED, REFUSED = list(_staged()), list(_refused())
+
+
+def _roots(spec: RateSpec) -> torch.Tensor:
+    """What the spec's fill writes, whole: the roots the statistics divide the scale by."""
+    out = torch.empty(spec.numel, dtype=torch.float32, device=spec.device)
+    spec.fill(0, spec.numel, out)
+    return out
+
+
+@pytest.mark.parametrize("case", STAGED)
+def test_staged(case):
+    """A state the kernels cannot read as stored goes through its fill into a scratch buffer, which they read:
+    the statistics of the rates that fill gives, beside a spec read as stored."""
+    spec, plain = _staged()[case], spec_of(spread(8))
+    assert not triton_accepts(spec, interpret=True) and triton_stages(spec, interpret=True)
+    assert triton_accepts(plain, interpret=True) and not triton_stages(plain, interpret=True)
+    got = triton_rate_statistics([plain, spec])
+    want = reference([reference_rates(plain.fill.flat, plain.scale, plain.eps),
+                      reference_rates(_roots(spec), spec.scale, spec.eps, root=False)])
+    assert_matches(got, want)
 
 
 @pytest.mark.parametrize("case", REFUSED)
 def test_refused(case):
     spec = _refused()[case]
-    assert not triton_accepts(spec, interpret=True)
+    assert not triton_accepts(spec, interpret=True) and not triton_stages(spec, interpret=True)
     with pytest.raises(ValueError, match="triton_accepts"):
         triton_rate_statistics([spec_of(spread(8)), spec])
 
 
+def test_staged_pieces_share_the_rows_slots(monkeypatch):
+    """A staged state larger than the scratch goes in pieces (here of at least 100 elements, whole rows of 10), each
+    filled, then read by its own launch into its own slots of the row's partials: the statistics are those of the
+    whole state, beside states read as stored and with buckets; every fill is of whole rows, and the pieces are
+    filled once per phase."""
+    monkeypatch.setattr(rt, "_stage_elements", lambda device: 100)
+    monkeypatch.setattr(rt, "_max_programs", lambda device: 8)
+    u = spread(1010, seed=5)
+    calls = []
+
+    def fill(start, stop, out):
+        assert start % 10 == 0 and stop % 10 == 0 and out.numel() == stop - start
+        calls.append((start, stop))
+        torch.sqrt(u[start:stop] * 2, out=out)
+
+    staged = RateSpec(2e-4, torch.tensor(1e-8, device=DEVICE), 1010, fill, u.device, row=10)
+    plain = [spec_of(spread(n, seed=n)) for n in (7, 3000, 64)]
+    empty = RateSpec(1e-3, 1e-8, 0, lambda a, b, out: None, u.device)  # its programs write empty partials
+    specs = [plain[0], staged, plain[1], empty, plain[2]]
+    buckets = [0, 0, 1, None, 1]
+    got = triton_rate_statistics(specs, buckets=buckets, n_buckets=2)
+    rates = [reference_rates(s.fill.flat, s.scale, s.eps) for s in plain]
+    rates.insert(1, reference_rates(u * 2, 2e-4, torch.tensor(1e-8)))
+    rates.insert(3, np.zeros(0, np.float32))
+    assert_matches(got, reference(rates, buckets=buckets, n_buckets=2))
+    pieces = sorted(set(calls))
+    assert pieces[0][0] == 0 and pieces[-1][1] == 1010 and len(pieces) > 1
+    assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))  # the pieces tile the state
+    assert len(calls) == 2 * len(pieces)  # one fill per piece and phase
+
+
+def test_pieces_cover_the_slots():
+    """Every slot of a staged row is written once: the pieces' programs add up to the row's slots, one at least
+    each, in whole rows, never more pieces than slots."""
+    for numel, row, slots, at_least in [(1010, 10, 8, 100), (5, 1, 8, 100), (10**6, 7, 3, 10), (64, 64, 1, 1),
+                                        (1000, 1, 1000, 1), (0, 1, 4, 16)]:
+        pieces = rt._pieces(numel, row, slots, at_least)
+        assert sum(p for _, _, p, _ in pieces) == slots and all(p >= 1 for _, _, p, _ in pieces)
+        assert [f for _, _, _, f in pieces] == list(np.cumsum([0] + [p for _, _, p, _ in pieces])[:-1])
+        assert pieces[0][0] == 0 and pieces[-1][1] == numel
+        assert all(a % row == 0 for a, _, _, _ in pieces)
+
+
 def test_subclass_reaches_the_fill_as_a_subclass():
-    """The refusal above is the subclass check's: the fill's flat view keeps the subclass."""
-    assert type(_refused()["subclass"].fill.flat) is Subclass
+    """The staging above is the subclass check's: the fill's flat view keeps the subclass."""
+    assert type(_staged()["subclass"].fill.flat) is Subclass
 
 
 def test_accepted():
@@ -707,3 +777,27 @@ def test_a_logging_steps_launches_do_not_grow_with_the_parameters(monkeypatch):
         assert torch.isfinite(got).all()
     # one launch per phase for the weights, one for the biases (8 elements: not a multiple of 16, no 16-byte loads)
     assert counts[0] == counts[1] and counts[0][1:] == (2, 2)
+
+
+@pytest.mark.parametrize("steps", [2, 9])
+def test_radam_with_device_steps_is_staged(monkeypatch, steps):
+    """RAdam with its step counts as tensors (capturable, on a GPU) chooses rectification on the device, in its
+    fill: staged, it gives the eager pass's statistics, before rectification (every rate is lr) and after."""
+    monkeypatch.setattr(tr, "step_count", lambda state: state["step"])
+    net = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Linear(30, 2)).to(DEVICE)
+    opt = torch.optim.RAdam(net.parameters(), lr=1e-3)
+    for _ in range(steps):
+        net(torch.randn(8, 40, device=DEVICE)).pow(2).mean().backward()
+        opt.step()
+    group = opt.param_groups[0]
+    specs = [tr.radam_rate(opt.state[p], group, p) for p in group["params"]]
+    assert all(isinstance(s.scale, torch.Tensor) for s in specs)  # the device path of the formula
+    assert all(triton_stages(s, interpret=True) for s in specs)
+    got = triton_rate_statistics(specs)
+    with eager_pass():
+        want = rate_statistics(specs)
+    for col in (0, 1, 3):
+        torch.testing.assert_close(got[:, col], want[:, col], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(got[:, 2], want[:, 2], rtol=1e-6, atol=0)
+    if steps == 2:
+        assert torch.all(got[:, :2] == 1e-3)  # rho_t <= 5: the plain lr everywhere

@@ -65,7 +65,7 @@ __all__ = [
     "fused_kernel_available",
     "fused_kernel_disabled",
     "fused_kernel_enabled",
-    "fused_kernel_reads",
+    "fused_kernel_takes",
     "histogram_median_rel_error",
     "make_scratch",
     "rate_statistics",
@@ -123,16 +123,18 @@ def fused_kernel_available(device: torch.device | str | None = None) -> bool:
     return rate_triton.HAS_TRITON
 
 
-def fused_kernel_reads(spec: RateSpec) -> bool:
-    """Whether the fused Triton pass can read ``spec`` where it runs (:func:`fused_kernel_available`): a state it
-    reads as stored, behind a plain root or copy (:func:`lightning_wd.rate_triton.triton_accepts`). A formula that
-    computes its root (Adafactor's factored second moment, centered RMSprop, capturable RAdam's rectification)
-    takes the eager pass, and so does every spec of a :func:`rate_statistics` call that holds one."""
+def fused_kernel_takes(spec: RateSpec) -> bool:
+    """Whether the fused Triton pass takes ``spec`` where it runs (:func:`fused_kernel_available`): a state read as
+    stored (a plain root or copy, :func:`lightning_wd.rate_triton.triton_accepts`), or staged, its ``fill`` writing
+    the root into a scratch buffer that the kernels read (a formula that computes its root: Adafactor's factored
+    second moment, centered RMSprop, capturable RAdam's rectification; :func:`lightning_wd.rate_triton.triton_stages`).
+    It does not take a ``scale`` or ``eps`` it cannot read (neither a number nor a 0-dim float tensor on the state's
+    device): such a spec sends every spec of its :func:`rate_statistics` call to the eager pass."""
     if not fused_kernel_available(spec.device):
         return False
     from lightning_wd import rate_triton
 
-    return rate_triton.triton_accepts(spec, interpret=spec.device.type == "cpu")
+    return rate_triton.triton_takes(spec, interpret=spec.device.type == "cpu")
 
 
 @contextlib.contextmanager
@@ -339,9 +341,9 @@ def rate_statistics(
     ``buckets[i]`` is spec ``i``'s bucket, or ``None``), and of all of them together (the last row, with
     ``per_group``), on the first spec's device.
 
-    On a CUDA GPU with Triton the fused pass takes the call when it can read every spec's state
-    (:func:`fused_kernel_available`, :func:`fused_kernel_reads`); otherwise the eager torch pass below takes all of
-    it (the group's median needs one histogram of all its specs).
+    On a CUDA GPU with Triton the fused pass takes the call when it takes every spec (:func:`fused_kernel_available`,
+    :func:`fused_kernel_takes`); otherwise the eager torch pass below takes all of it (the group's median needs one
+    histogram of all its specs).
 
     Each parameter's statistics are accumulated into a row of a block of :data:`BLOCK_ROWS` rows through a
     chunk-sized scratch buffer; a full block is summarized into four numbers per row and added into the group's
@@ -365,9 +367,11 @@ def rate_statistics(
 
         one_device = all(s.device == specs[0].device for s in specs)  # the kernels work on one device per call
         interpret = specs[0].device.type == "cpu"
-        if rate_triton.HAS_TRITON and one_device and all(rate_triton.triton_accepts(s, interpret) for s in specs):
-            return rate_triton.checked_rate_statistics(specs, per_parameter, per_group, tokens, reduce, bucket_of,
-                                                       n_buckets)
+        if rate_triton.HAS_TRITON and one_device:
+            read = [rate_triton.triton_accepts(s, interpret) for s in specs]
+            if all(r or rate_triton.stageable(s, interpret) for r, s in zip(read, specs)):
+                return rate_triton.checked_rate_statistics(specs, per_parameter, per_group, tokens, reduce,
+                                                           bucket_of, n_buckets, [not r for r in read])
     return _eager_rate_statistics(specs, per_parameter, per_group, tokens, reduce, bucket_of, n_buckets)
 
 

@@ -22,7 +22,7 @@ from lightning_wd.effective_lr import (
     effective_lr,
     fused_kernel_available,
     fused_kernel_enabled,
-    fused_kernel_reads,
+    fused_kernel_takes,
     rate_statistics,
 )
 from lightning_wd.optimizers import formula_for
@@ -188,7 +188,7 @@ class EffectiveLRMonitor(StepCallback):
                                         for r, spec, sharded in zip(reported, specs, shards) if r.own and not sharded)
 
     def _say_if_eager(self, optimizer: Optimizer, gi: int, specs: list[RateSpec]) -> None:
-        """Once per group and fit, at its first logging step: where the fused pass runs but cannot read some of the
+        """Once per group and fit, at its first logging step: where the fused pass runs but cannot take some of the
         group's rates, say that the group takes the eager pass, and what that costs there."""
         key = self._group_key(optimizer, gi)
         if key in self._checked_pass:
@@ -196,14 +196,22 @@ class EffectiveLRMonitor(StepCallback):
         self._checked_pass.add(key)
         if not fused_kernel_available(specs[0].device):
             return  # no fused pass there at all: said at fit start on a GPU
-        unread = sum(not fused_kernel_reads(s) for s in specs)
-        if unread:
-            rank_zero_info(
-                f"EffectiveLRMonitor: the fused Triton kernel cannot read the rates of {unread} of the {len(specs)}"
-                f" parameters of {key} ({type(optimizer).__name__}'s formula computes them from its state), so this"
-                " group's statistics are computed with torch ops, many times slower on a GPU: a logging step may"
-                " cost several optimizer steps. Log less often (log_every_n_steps) if that shows in the fit time."
-            )
+        devices = {s.device for s in specs}
+        untaken = sum(not fused_kernel_takes(s) for s in specs)
+        if len(devices) > 1:  # the kernels work on one device per call (a group spread over devices by hand)
+            why = (f"the {len(specs)} parameters of {key} are on {len(devices)} devices and the kernel works on one"
+                   " at a time")
+        elif untaken:
+            why = (f"the fused Triton kernel cannot take the rates of {untaken} of the {len(specs)} parameters of"
+                   f" {key} ({type(optimizer).__name__}'s formula gives a scale or eps that is neither a number nor"
+                   " a 0-dim float tensor on the state's device)")
+        else:
+            return
+        rank_zero_info(
+            f"EffectiveLRMonitor: {why}, so this group's statistics are computed with torch ops, many times slower"
+            " on a GPU: a logging step may cost several optimizer steps. Log less often (log_every_n_steps) if that"
+            " shows in the fit time."
+        )
 
     def _specs(self, optimizer: Optimizer, formula: Formula, gi: int, group: dict[str, Any]
                ) -> tuple[list[RateSpec], list[Any], list[Reported]]:

@@ -67,7 +67,8 @@ except ImportError:  # pragma: no cover - depends on the install
 #: whether Triton is installed; without it :func:`triton_accepts` is always ``False``
 HAS_TRITON: bool = triton is not None
 
-__all__ = ["HAS_TRITON", "TILE", "checked_rate_statistics", "triton_accepts", "triton_rate_statistics"]
+__all__ = ["HAS_TRITON", "TILE", "checked_rate_statistics", "triton_accepts", "triton_rate_statistics", "triton_stages",
+           "triton_takes"]
 
 #: elements per tile of a program's loop: 16 per thread of its 4 warps (four 16-byte loads of fp32 in flight)
 TILE: int = 2048
@@ -90,8 +91,10 @@ assert _OCTAVES <= _BINS
 _COARSE = 4 + _BINS
 
 # a row of a launch table (int64 words): the state's address, its numel, its scale and eps (each the address of a
-# 0-dim tensor or the fp64 bits of a host number), and the row's index in its block
-_COLUMNS = 5
+# 0-dim tensor or the fp64 bits of a host number), the row's index in its block, the first of its partials' slots
+# this launch writes, and the slots per row of the block's partials (a staged state's pieces share its row: each
+# piece writes its own slots)
+_COLUMNS = 7
 
 _STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SCALAR_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -124,8 +127,8 @@ if HAS_TRITON:
     @triton.jit
     def _table_row(table, U_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, SCALE_PTR: tl.constexpr,
                    SCALE_DTYPE: tl.constexpr, EPS_PTR: tl.constexpr, EPS_DTYPE: tl.constexpr):
-        """The state, its length, scale and eps, and its row in the block, of this program's row of a launch table
-        (``_COLUMNS`` int64 words per row, see ``_TritonPass.blocks``)."""
+        """The state, its length, scale and eps, and its partial's slot in the block (``[rows, slots]``), of this
+        program's row of a launch table (``_COLUMNS`` int64 words per row, see ``_TritonPass.blocks``)."""
         row = table + tl.program_id(1) * _COLUMNS_C
         u_ptr = tl.load(row).to(tl.pointer_type(U_DTYPE))
         numel = tl.load(row + 1)
@@ -134,7 +137,9 @@ if HAS_TRITON:
             numel = tl.multiple_of(numel, 16)
         scale = _scalar(tl.load(row + 2), SCALE_PTR, SCALE_DTYPE)
         eps = _scalar(tl.load(row + 3), EPS_PTR, EPS_DTYPE)
-        return u_ptr, numel, scale, eps, tl.load(row + 4)
+        block_row = tl.load(row + 4)
+        slot = block_row * tl.load(row + 6) + tl.load(row + 5) + tl.program_id(0)
+        return u_ptr, numel, scale, eps, block_row, slot
 
     @triton.jit
     def _rate(u_ptr, offs, mask, scale, eps, ROOT: tl.constexpr, ADD_EPS: tl.constexpr):
@@ -164,7 +169,8 @@ if HAS_TRITON:
         block's partials at ``part_ptr`` (fp64, ``[rows, programs, _COARSE]``). A program past its state's tiles
         writes the partial of no elements."""
         pid = tl.program_id(0)
-        u_ptr, numel, s, e, row = _table_row(table, U_DTYPE, ALIGNED, SCALE_PTR, SCALE_DTYPE, EPS_PTR, EPS_DTYPE)
+        u_ptr, numel, s, e, row, at = _table_row(table, U_DTYPE, ALIGNED, SCALE_PTR, SCALE_DTYPE, EPS_PTR,
+                                                 EPS_DTYPE)
         lanes = tl.arange(0, TILE)
         # elementwise accumulators, reduced once at the end: a reduction per tile would cost a barrier per tile
         mn = tl.full([TILE], float("inf"), tl.float32)
@@ -182,7 +188,7 @@ if HAS_TRITON:
             total += tl.where(mask, r, 0.0).to(tl.float64)
             counts += tl.histogram(_bin(r) >> _MANTISSA_BITS_C, _BINS_C, mask=mask).to(tl.int64)
             tile += tl.num_programs(0)
-        out = part_ptr + (row * tl.num_programs(0) + pid) * _COARSE_C
+        out = part_ptr + at * _COARSE_C  # this program's slot of the partials
         # NaN-propagating, as torch.aminmax: a lane that met a NaN holds it (propagate_nan above); tl.min and tl.max
         # may drop it (minnum on a GPU), and a reduction with a NaN-propagating combine runs element by element in
         # the interpreter
@@ -210,7 +216,8 @@ if HAS_TRITON:
         common case: a parameter's median near the group's), the later target's counts are all in the earlier's
         slot, and the caller reads them from there."""
         pid = tl.program_id(0)
-        u_ptr, numel, s, e, row = _table_row(table, U_DTYPE, ALIGNED, SCALE_PTR, SCALE_DTYPE, EPS_PTR, EPS_DTYPE)
+        u_ptr, numel, s, e, row, at = _table_row(table, U_DTYPE, ALIGNED, SCALE_PTR, SCALE_DTYPE, EPS_PTR,
+                                                 EPS_DTYPE)
         lanes = tl.arange(0, TILE)
         if ROW_SLOT >= 0:
             row_octave = tl.load(octave_ptr + row).to(tl.int32)
@@ -243,7 +250,7 @@ if HAS_TRITON:
             counts += tl.histogram(key, NBINS, mask=take & mask).to(tl.int64)
             tile += tl.num_programs(0)
         bins = tl.arange(0, NBINS)
-        out = part_ptr + (row * tl.num_programs(0) + pid) * WIDTH
+        out = part_ptr + at * WIDTH  # this program's slot of the partials
         tl.store(out + bins, counts.to(tl.float64), mask=bins < WIDTH)
 
     _INTERPRETED = isinstance(_coarse_kernel, InterpretedFunction)
@@ -311,6 +318,61 @@ def triton_accepts(spec: RateSpec, interpret: bool = False) -> bool:
     return _scalar_ok(spec.scale, device) and _scalar_ok(spec.eps, device)
 
 
+def triton_stages(spec: RateSpec, interpret: bool = False) -> bool:
+    """Whether :func:`triton_rate_statistics` takes ``spec`` by staging it: a spec whose state the kernels cannot
+    read as stored (:func:`triton_accepts` is ``False``: a formula that computes its root, as Adafactor's factored
+    second moment or centered RMSprop's ``sq - avg**2``, or a state that is not a plain dense tensor) but whose
+    ``fill`` writes the root, chunk by chunk, into a scratch buffer that the kernels then read, as the eager pass
+    reads it. It needs a CUDA device (or a CPU ``interpret``), and ``scale`` and ``eps`` that the kernels read: Python
+    numbers or 0-dim float tensors on that device.
+
+    Args:
+        spec: the parameter's rate.
+        interpret: also take a CPU spec, for Triton's interpreter (``TRITON_INTERPRET=1``, the tests).
+    """
+    return not triton_accepts(spec, interpret) and stageable(spec, interpret)
+
+
+def stageable(spec: RateSpec, interpret: bool = False) -> bool:
+    """The part of :func:`triton_stages` that does not ask :func:`triton_accepts` (asked already where it is used)."""
+    device = spec.device
+    if not HAS_TRITON or not (device.type == "cuda" or (interpret and device.type == "cpu")):
+        return False
+    return _scalar_ok(spec.scale, device) and _scalar_ok(spec.eps, device)
+
+
+def triton_takes(spec: RateSpec, interpret: bool = False) -> bool:
+    """Whether :func:`triton_rate_statistics` takes ``spec`` at all: read as stored, or staged."""
+    return triton_accepts(spec, interpret) or stageable(spec, interpret)
+
+
+def _stage_elements(device: torch.device) -> int:
+    """The elements of a staged state's piece, at least (the scratch buffer's size): the eager pass's chunk."""
+    from lightning_wd.effective_lr import chunk_elements
+
+    return chunk_elements(device)
+
+
+def _pieces(numel: int, row: int, slots: int, at_least: int) -> list[tuple[int, int, int, int]]:
+    """``(start, stop, programs, first slot)`` of each piece of a staged state of ``numel`` elements (pieces of whole
+    rows of ``row`` elements), its ``slots`` programs shared among them in proportion to their size, each piece at
+    least one: every slot of the row is written, as by a launch of a state read as stored. Pieces of at least
+    ``at_least`` elements, and of at least ``numel / slots``, so that there are never more pieces than slots."""
+    if numel == 0:
+        return [(0, 0, slots, 0)]  # no fill: the programs write the partials of no elements
+    per = max(at_least, -(-numel // slots))
+    per = -(-per // row) * row
+    bounds = [(start, min(start + per, numel)) for start in range(0, numel, per)]
+    spare = slots - len(bounds)
+    programs = [1 + spare * (stop - start) // numel for start, stop in bounds]
+    programs[-1] += slots - sum(programs)
+    out, first = [], 0
+    for (start, stop), n in zip(bounds, programs):
+        out.append((start, stop, n, first))
+        first += n
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def _max_programs(device: torch.device) -> int:
     """The cap of a kernel's grid on ``device``: a few programs per SM, each looping over its share of the tiles."""
@@ -331,10 +393,18 @@ class _LaunchKey(NamedTuple):
 
     @classmethod
     def of(cls, spec: RateSpec) -> _LaunchKey:
-        flat, scale, eps = spec.fill.flat, spec.scale, spec.eps
+        """The key of a spec read as stored."""
+        flat = spec.fill.flat
+        return cls.with_state(spec, flat.dtype, spec.fill.root, flat.data_ptr(), spec.numel)
+
+    @classmethod
+    def with_state(cls, spec: RateSpec, dtype: torch.dtype, root: bool, address: int, numel: int) -> _LaunchKey:
+        """The key of ``spec``'s scalars over a state of ``dtype`` at ``address`` (a staged piece: the fp32 roots in
+        the scratch buffer, copied)."""
+        scale, eps = spec.scale, spec.eps
         eps_dtype = eps.dtype if isinstance(eps, Tensor) else None
-        return cls(flat.dtype, spec.fill.root, scale.dtype if isinstance(scale, Tensor) else None, eps_dtype,
-                   eps_dtype is not None or eps != 0, flat.data_ptr() % 16 == 0 and spec.numel % 16 == 0)
+        return cls(dtype, root, scale.dtype if isinstance(scale, Tensor) else None, eps_dtype,
+                   eps_dtype is not None or eps != 0, address % 16 == 0 and numel % 16 == 0)
 
     def constexprs(self) -> dict[str, Any]:
         return {"U_DTYPE": _TL_DTYPES[self.dtype], "ROOT": self.root, "ADD_EPS": self.add_eps,
@@ -395,6 +465,8 @@ class _Block:
         self.index = index  # the spec of each row
         self.programs = programs  # the largest grid of its specs: the partials' rows per spec
         self.launches: list[tuple[int, int, _LaunchKey]] = []  # first table row, rows, the kernels' key
+        # staged specs: the spec, then per piece its table row, start, stop, programs and key
+        self.staged: list[tuple[RateSpec, list[tuple[int, int, int, int, _LaunchKey]]]] = []
         self.out_index: Tensor | None = None  # [rows] int64, self.index on the device
         self.ext: Tensor | None = None  # [rows, 2] fp32 min, max
         self.sum_count: Tensor | None = None  # [rows, 2] fp64 sum, count
@@ -511,11 +583,15 @@ def triton_rate_statistics(
     """
     if not specs:
         raise ValueError("triton_rate_statistics needs at least one RateSpec")
+    staged = []
     for i, spec in enumerate(specs):
-        if not triton_accepts(spec, interpret=_INTERPRETED):
-            raise ValueError(f"spec {i} is not one the Triton kernels read (triton_accepts); use rate_statistics")
-    device = specs[0].fill.flat.device
-    if any(spec.fill.flat.device != device for spec in specs):
+        read = triton_accepts(spec, interpret=_INTERPRETED)
+        if not read and not stageable(spec, interpret=_INTERPRETED):
+            raise ValueError(f"spec {i} is not one the Triton kernels take (triton_accepts, triton_stages); use"
+                             " rate_statistics")
+        staged.append(not read)
+    device = specs[0].device
+    if any(spec.device != device for spec in specs):
         raise ValueError("the specs of triton_rate_statistics must be on one device; use rate_statistics")
     tokens = list(shards) if shards is not None else [None] * len(specs)
     bucket_of = list(buckets) if buckets is not None else [None] * len(specs)
@@ -526,17 +602,18 @@ def triton_rate_statistics(
     if any(t is not None for t in tokens) and reduce is None:
         raise ValueError("sharded specs need a `reduce`")
 
-    return checked_rate_statistics(specs, per_parameter, per_group, tokens, reduce, bucket_of, n_buckets)
+    return checked_rate_statistics(specs, per_parameter, per_group, tokens, reduce, bucket_of, n_buckets, staged)
 
 
 def checked_rate_statistics(specs: Sequence[RateSpec], per_parameter: bool, per_group: bool,
                             tokens: list[Hashable | None], reduce: Callable[[Partials, Any], None] | None,
-                            bucket_of: list[int | None], n_buckets: int) -> Tensor:
+                            bucket_of: list[int | None], n_buckets: int, staged: list[bool]) -> Tensor:
     """:func:`triton_rate_statistics` for arguments already checked (``rate_statistics`` vets every spec before it
-    chooses this pass: a second check would repeat that host work at each logging step)."""
-    device = specs[0].fill.flat.device
+    chooses this pass: a second check would repeat that host work at each logging step); ``staged[i]``: spec ``i``
+    is staged (:func:`triton_stages`), not read as stored."""
+    device = specs[0].device
     with _device_guard(device):
-        return _statistics(specs, per_parameter, per_group, tokens, reduce, bucket_of, n_buckets, device)
+        return _statistics(specs, per_parameter, per_group, tokens, reduce, bucket_of, n_buckets, device, staged)
 
 
 def _statistics(
@@ -548,9 +625,10 @@ def _statistics(
     bucket_of: list[int | None],
     n_buckets: int,
     device: torch.device,
+    staged: list[bool],
 ) -> Tensor:
     """:func:`triton_rate_statistics` once its arguments are checked, on the current device."""
-    run = _TritonPass(specs, per_parameter, per_group, reduce, bucket_of, n_buckets, device)
+    run = _TritonPass(specs, per_parameter, per_group, reduce, bucket_of, n_buckets, device, staged)
     if not len(run.out):  # nothing asked for (on every process alike: no reduce calls either)
         return run.out
     blocks = run.blocks(tokens)
@@ -564,7 +642,7 @@ class _TritonPass:
     group and the buckets (see :func:`triton_rate_statistics`)."""
 
     def __init__(self, specs: Sequence[RateSpec], per_parameter: bool, per_group: bool, reduce: Any,
-                 bucket_of: list[int | None], n_buckets: int, device: torch.device) -> None:
+                 bucket_of: list[int | None], n_buckets: int, device: torch.device, staged: list[bool]) -> None:
         self.specs, self.per_parameter, self.per_group, self.reduce = specs, per_parameter, per_group, reduce
         self.bucket_of, self.n_buckets, self.device = bucket_of, n_buckets, device
         self.first_bucket = len(specs) if per_parameter else 0
@@ -573,22 +651,38 @@ class _TritonPass:
         self.cap = _max_programs(device)
         self.f64 = {"dtype": torch.float64, "device": device}
         self.bucket_index: Tensor | None = None
+        self.staged = staged
+        self.scratch: Tensor | None = None  # where a staged state's pieces are filled, one at a time
 
     def blocks(self, tokens: list[Hashable | None]) -> list[_Block]:
         """The blocks, and for all of them one upload of int64 words: the launch tables (a block's rows grouped by
         the kernels they need, one launch per group and phase), then each block's output rows, then each row's
         bucket (``n_buckets`` for none)."""
         blocks = _blocks(tokens, [_grid(spec, self.cap) for spec in self.specs], self.cap)
+        pieces = self._stage(blocks)
         words: list[int] = []
         for block in blocks:
             by_key: dict[_LaunchKey, list[int]] = {}
             for r, i in enumerate(block.index):
-                by_key.setdefault(_LaunchKey.of(self.specs[i]), []).append(r)
+                if not self.staged[i]:
+                    by_key.setdefault(_LaunchKey.of(self.specs[i]), []).append(r)
             for key, rows in by_key.items():
                 block.launches.append((len(words) // _COLUMNS, len(rows), key))
                 for r in rows:
                     spec = self.specs[block.index[r]]
-                    words += (spec.fill.flat.data_ptr(), spec.numel, _word(spec.scale), _word(spec.eps), r)
+                    words += (spec.fill.flat.data_ptr(), spec.numel, _word(spec.scale), _word(spec.eps), r, 0,
+                              block.programs)
+            for r, i in enumerate(block.index):
+                if self.staged[i]:
+                    spec, launches = self.specs[i], []
+                    for start, stop, programs, first in pieces[i]:
+                        assert self.scratch is not None
+                        address = self.scratch.data_ptr()
+                        key = _LaunchKey.with_state(spec, torch.float32, False, address, stop - start)
+                        launches.append((len(words) // _COLUMNS, start, stop, programs, key))
+                        words += (address, stop - start, _word(spec.scale), _word(spec.eps), r, first,
+                                  block.programs)
+                    block.staged.append((spec, launches))
         sizes = [len(block.index) for block in blocks]
         n_rows, out_at = sum(sizes), len(words)
         words += (i for block in blocks for i in block.index)
@@ -605,6 +699,31 @@ class _TritonPass:
                 block.buckets = ids
         return blocks
 
+    def _stage(self, blocks: list[_Block]) -> dict[int, list[tuple[int, int, int, int]]]:
+        """The pieces of each staged spec (:func:`_pieces`, over its block's slots), and the scratch buffer they are
+        filled into: as large as the largest piece (the eager pass's chunk, or a larger share of a huge state)."""
+        pieces: dict[int, list[tuple[int, int, int, int]]] = {}
+        at_least = _stage_elements(self.device)
+        for block in blocks:
+            for i in block.index:
+                if self.staged[i]:
+                    spec = self.specs[i]
+                    pieces[i] = _pieces(spec.numel, max(1, spec.row), block.programs, at_least)
+        if pieces:
+            largest = max(stop - start for found in pieces.values() for start, stop, _, _ in found)
+            self.scratch = torch.empty(max(1, largest), dtype=torch.float32, device=self.device)
+        return pieces
+
+    def _launch_staged(self, block: _Block, kernel: Any, part: Tensor, *args: Any, **kwargs: Any) -> None:
+        """The staged specs' pieces of ``block``, one launch each, each after its fill: the launches of one stream
+        run in order, so the next fill waits for the kernel that reads the scratch before it."""
+        for spec, launches in block.staged:
+            for first, start, stop, programs, key in launches:
+                if stop > start:
+                    assert self.scratch is not None
+                    spec.fill(start, stop, self.scratch[: stop - start])
+                kernel[(programs, 1)](self.table[first:], part, *args, **_constexprs(key), **kwargs)
+
     # --- phase 1: min, max, sum, count and counts per octave of every row; the median's octaves ------------------
     def coarse(self, blocks: list[_Block]) -> None:
         n_buckets, f64 = self.n_buckets, self.f64
@@ -617,6 +736,7 @@ class _TritonPass:
             part = torch.empty(len(block.index), block.programs, _COARSE, **f64)
             for first, rows, key in block.launches:
                 _coarse_kernel[(block.programs, rows)](self.table[first:], part, **_constexprs(key))
+            self._launch_staged(block, _coarse_kernel, part)
             ext = torch.stack([part[:, :, 0].amin(1), part[:, :, 1].amax(1)], 1).float()  # exact: fp32 values
             sums = part[:, :, 2:].sum(1)
             if block.token is not None:
@@ -660,6 +780,7 @@ class _TritonPass:
                        for t in (block.octave, block.buckets, self.bucket_octave, self.group_octave)]
             for first, n, key in block.launches:
                 _fine_kernel[(block.programs, n)](self.table[first:], part, *octaves, **_constexprs(key), **slots)
+            self._launch_staged(block, _fine_kernel, part, *octaves, **slots)
             fine = part.sum(1)
             if block.token is not None:
                 # the extremes are known already: rows of (+inf, -inf), which min and max leave as they are
