@@ -534,7 +534,8 @@ def kernel_sweep(report: Report, sz: Sizes, device: torch.device) -> None:
     """The statistics pass alone over 268M Adam-like fp32 states (16 x 4096 x 4096, as row 1's model), per group
     row only (the default), for a few tiles, warps and programs per SM: what to choose for row 1."""
     from lightning_wd import rate_triton as rt
-    from lightning_wd.effective_lr import rate_statistics, root_rate
+    from lightning_wd.effective_lr import rate_statistics
+    from lightning_wd.rates import root_rate
 
     g = torch.Generator(device=device).manual_seed(0)
     n = sz.big_width

@@ -25,7 +25,11 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 import lightning_wd.effective_lr as el  # noqa: E402
 from lightning_wd import rate_triton as rt  # noqa: E402
 from lightning_wd.optimizers import formula_for  # noqa: E402
-from lightning_wd.optimizers import torch_rates as tr  # noqa: E402
+
+try:  # torch.optim's formulas; before 2026-12-05 they lived in effective_lr (the PYTHONPATH line above)
+    from lightning_wd.optimizers import torch_rates as formulas  # noqa: E402
+except ImportError:  # pragma: no cover - an older tree
+    formulas = el
 
 #: ops that make a view or read metadata: no kernel
 VIEWS = {"select", "view", "detach", "alias", "unsqueeze", "squeeze", "reshape", "slice", "lift_fresh", "expand",
@@ -59,7 +63,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8, help="Linear(64, 64) layers: 2 parameters each")
     args = ap.parse_args()
     el._TRITON_DEVICES = ("cuda", "cpu")  # the Triton pass on the CPU, as on a GPU
-    tr.step_count = lambda state: state["step"]  # the step counts as device tensors, as a fused AdamW's
+    # the step counts as device tensors, as a fused AdamW's (the formulas' step reader: step_count, once _step)
+    setattr(formulas, "step_count" if hasattr(formulas, "step_count") else "_step", lambda state: state["step"])
     counter = Launches()
     rt._coarse_kernel, rt._fine_kernel = _Stub(counter.counts, "phase 1"), _Stub(counter.counts, "phase 2")
     torch.manual_seed(0)

@@ -544,5 +544,7 @@ def test_the_formulas_old_import_path_still_works_and_names_the_new_one():
     with pytest.warns(DeprecationWarning, match="lightning_wd.rates.Formula"):
         from lightning_wd.effective_lr import Formula
     assert Formula is rates.Formula
+    with pytest.warns(DeprecationWarning, match="fused_kernel_reads is now fused_kernel_takes"):
+        assert el.fused_kernel_reads is el.fused_kernel_takes
     with pytest.raises(AttributeError, match="no_such_thing"):
         el.no_such_thing  # noqa: B018

@@ -74,16 +74,24 @@ __all__ = [
 
 #: names this module held until the formulas moved out (0.x, 2026-12): still importable from here, with a warning
 _MOVED: dict[str, str] = {
-    **dict.fromkeys(["ORTHOGONALIZED", "PLAIN_LR", "SIGN_UPDATE", "Formula", "RateSpec", "bias_correction", "root_rate",
+    **dict.fromkeys(["ORTHOGONALIZED", "PLAIN_LR", "SIGN_UPDATE", "Formula", "bias_correction", "root_rate",
                      "stepwise"], "lightning_wd.rates"),
     **dict.fromkeys(["adafactor_rate", "adagrad_rate", "adam_rate", "adam_rates", "adamax_rate", "radam_rate",
                      "rmsprop_rate", "sparse_adam_rate"], "lightning_wd.optimizers.torch_rates"),
 }
 
 
+#: names of this module renamed (``fused_kernel_reads`` answered for specs read as stored; staged ones count now)
+_RENAMED: dict[str, str] = {"fused_kernel_reads": "fused_kernel_takes"}
+
+
 def __getattr__(name: str) -> Any:
     """The formulas' names at their old place (``from lightning_wd.effective_lr import Formula`` in a registration),
-    from their new module, with a ``DeprecationWarning`` that names it."""
+    from their new module, and renamed functions under their old name, with a ``DeprecationWarning`` that names the
+    new place. (``RateSpec`` is still imported here, for the statistics: it imports with no warning.)"""
+    if name in _RENAMED:
+        warnings.warn(f"lightning_wd.effective_lr.{name} is now {_RENAMED[name]}.", DeprecationWarning, stacklevel=2)
+        return globals()[_RENAMED[name]]
     where = _MOVED.get(name)
     if where is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
