@@ -630,6 +630,40 @@ def test_staged_pieces_share_the_rows_slots(monkeypatch):
     assert len(calls) == 2 * len(pieces)  # one fill per piece and phase
 
 
+def test_small_staged_states_share_a_launch(monkeypatch):
+    """Staged states that fit the scratch whole are filled side by side (each from a 64-byte boundary) and read by
+    one launch per phase for as many as fit, with a launch of their own for those whose length is not a multiple
+    of 16 (no 16-byte loads); a larger state still goes in pieces beside them. Each fill runs once per phase, into
+    its own elements: the statistics are every state's own, with buckets across the packs."""
+    monkeypatch.setattr(rt, "_stage_elements", lambda device: 100)
+    monkeypatch.setattr(rt, "_max_programs", lambda device: 8)
+    sizes = [16, 32, 5, 0, 48, 16, 64, 7, 5000]
+    states = [spread(n, seed=n + i) for i, n in enumerate(sizes)]
+    calls = []
+
+    def staged(u, i):
+        def fill(start, stop, out):
+            calls.append((i, start, stop))
+            torch.sqrt(u[start:stop] * 3, out=out)
+        return RateSpec(1e-3, 1e-8, u.numel(), fill, u.device, row=10 if u.numel() == 5000 else 1)
+
+    specs = [staged(u, i) for i, u in enumerate(states)]
+    buckets = [0, 1, 0, None, 1, 1, 0, 1, 0]
+    launches = Launches(monkeypatch)
+    got = triton_rate_statistics(specs, buckets=buckets, n_buckets=2)
+    rates = [reference_rates(u * 3, 1e-3, 1e-8) for u in states]
+    assert_matches(got, reference(rates, buckets=buckets, n_buckets=2))
+    # the block's rows by grid, in order within one: the 5000 (3 tiles: 3 slots a row), then the aligned small
+    # ones [16, 32, 48] fill 96 of 100 elements, [16, 64, 0] the next pack; [5, 7] theirs; the 5000 elements in
+    # pieces of 1670 (>= 100 and 5000 / 3 slots, in whole rows of 10), one program each
+    grids = launches.grids["_coarse_kernel"]
+    assert sorted(grids) == [(1, 1)] * 3 + [(3, 2), (3, 3), (3, 3)], grids
+    assert launches.grids["_coarse_kernel"] == launches.grids["_fine_kernel"]
+    filled = [c for c in calls if c[2] > c[1]]
+    assert len(filled) == 2 * (7 + 3)  # once per phase: the 7 small ones with elements, the 3 pieces
+    assert len(set(filled)) == len(filled) // 2
+
+
 def test_pieces_cover_the_slots():
     """Every slot of a staged row is written once: the pieces' programs add up to the row's slots, one at least
     each, in whole rows, never more pieces than slots."""
@@ -669,7 +703,8 @@ def test_bad_arguments():
 
 def test_no_host_read():
     """Nothing is read on the host (``aten._local_scalar_dense``, the op of every ``.item()``, ``bool(t)`` and
-    ``float(t)``), on any device; on CUDA also no synchronizing copy (torch's sync debug mode)."""
+    ``float(t)``), on any device, a staged state included; on CUDA also no synchronizing copy (torch's sync debug
+    mode)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class HostReads(TorchDispatchMode):
@@ -681,14 +716,15 @@ def test_no_host_read():
             return func(*args, **(kwargs or {}))
 
     us = [spread(3000, seed=1), spread(100, seed=2)]
-    specs = [spec_of(us[0], torch.tensor(1e-3, device=DEVICE)), spec_of(us[1])]
+    staged = RateSpec(1e-3, 1e-8, 100, lambda a, b, out: torch.sqrt(us[1][a:b] * 3, out=out), us[1].device)
+    specs = [spec_of(us[0], torch.tensor(1e-3, device=DEVICE)), spec_of(us[1]), staged]
     triton_rate_statistics(specs)  # compiled (or rewritten for the interpreter) outside the checks
     if CUDA:
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
     try:
         with HostReads():
-            triton_rate_statistics(specs, shards=[None, "a"], reduce=Recorder())
+            triton_rate_statistics(specs, shards=[None, "a", None], reduce=Recorder())
     finally:
         if CUDA:
             torch.cuda.set_sync_debug_mode(0)
@@ -777,6 +813,31 @@ def test_a_logging_steps_launches_do_not_grow_with_the_parameters(monkeypatch):
         assert torch.isfinite(got).all()
     # one launch per phase for the weights, one for the biases (8 elements: not a multiple of 16, no 16-byte loads)
     assert counts[0] == counts[1] and counts[0][1:] == (2, 2)
+
+
+def test_staged_formulas_launch_the_kernels_once_per_pack(monkeypatch):
+    """Centered RMSprop's roots are computed (``sq - avg**2``), so each parameter's fill runs torch ops of its own,
+    as in the eager pass; the Triton launches do not grow with the parameters: the small states are packed."""
+    from lightning_wd.optimizers import formula_for
+
+    monkeypatch.setattr(el, "_TRITON_DEVICES", ("cuda", DEVICE.type))
+    grids = []
+    for layers in (2, 16):
+        net = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(layers)]).to(DEVICE)
+        opt = torch.optim.RMSprop(net.parameters(), lr=1e-3, centered=True)
+        net(torch.randn(4, 8, device=DEVICE)).sum().backward()
+        opt.step()
+        group = opt.param_groups[0]
+        specs = formula_for(opt)[1].specs([opt.state[p] for p in group["params"]], group, list(group["params"]))
+        assert all(triton_stages(s, interpret=True) for s in specs)
+        launches = Launches(monkeypatch)
+        got = rate_statistics(specs, per_parameter=False)
+        grids.append([len(launches.grids[k]) for k in ("_coarse_kernel", "_fine_kernel")])
+        with eager_pass():
+            want = rate_statistics(specs, per_parameter=False)
+        torch.testing.assert_close(got[:, [0, 1, 3]], want[:, [0, 1, 3]], rtol=0, atol=0)
+    # weights (64 elements, aligned) and biases (8: not a multiple of 16) in a pack each, per phase
+    assert grids == [[2, 2], [2, 2]], grids
 
 
 @pytest.mark.parametrize("steps", [2, 9])

@@ -29,9 +29,18 @@ can see, so the kernel states it (``tl.multiple_of``) where the host checked it,
 would from a pointer argument. The kernels compile to cubins for ``sm_75`` (T4), ``sm_80``, ``sm_90`` and ``sm_120`` in
 the tests, without a GPU.
 
-:func:`triton_accepts` says which :class:`~lightning_wd.rates.RateSpec` the kernels may read (a plain dense
-state behind a root or copy ``fill``, on a CUDA device); :func:`triton_rate_statistics` is ``rate_statistics`` for a
-group of them. Without Triton the module imports all the same (``HAS_TRITON`` is ``False``) and accepts nothing.
+A formula that computes its root (Adafactor's factored second moment, centered RMSprop's ``sq - avg**2``, capturable
+RAdam's rectification) has no state the kernels could read as stored; it is staged: its ``fill`` writes the roots
+into a scratch buffer of the eager pass's chunk (16M fp32 on a GPU), and the kernels read that with a root-free
+``fill``. A larger state goes in pieces of whole rows, each with a launch of its own that writes its own share of
+the row's partial slots; the smaller ones are filled side by side and read by one launch, as a group of stored
+states is. Each fill runs once per phase: computing the roots twice costs a few elementwise ops per chunk, keeping
+them would cost a parameter-sized buffer.
+
+:func:`triton_accepts` says which :class:`~lightning_wd.rates.RateSpec` the kernels read as stored (a plain dense
+state behind a root or copy ``fill``, on a CUDA device), :func:`triton_stages` which they stage, and
+:func:`triton_takes` either; :func:`triton_rate_statistics` is ``rate_statistics`` for a group of them. Without Triton
+the module imports all the same (``HAS_TRITON`` is ``False``) and takes nothing.
 """
 
 from __future__ import annotations
@@ -457,6 +466,36 @@ def _summarize(ext: Tensor, sum_count: Tensor, octave: Tensor, rank: Tensor, fin
     return stats.masked_fill((count == 0).unsqueeze(-1), float("nan")).float()
 
 
+class _Fill(NamedTuple):
+    """Elements ``start:stop`` of a staged spec's roots, filled at ``offset`` of the scratch buffer."""
+
+    spec: RateSpec
+    start: int
+    stop: int
+    offset: int
+
+
+class _StagedLaunch(NamedTuple):
+    """One launch of staged states: its fills, then per fill (a table row) the row in the block and the first of
+    the row's partial slots it writes, on a grid of ``programs`` x fills."""
+
+    fills: list[_Fill]
+    rows: list[tuple[int, int]]
+    programs: int
+    key: _LaunchKey
+
+    @classmethod
+    def pack(cls, pack: list[tuple[int, _Fill]], programs: int, key: _LaunchKey) -> _StagedLaunch:
+        """Whole small states side by side: each row's every slot written by this launch's ``programs``."""
+        return cls([fill for _, fill in pack], [(r, 0) for r, _ in pack], programs, key)
+
+
+def _staged_key(spec: RateSpec, numel: int) -> _LaunchKey:
+    """The kernels' key of ``numel`` fp32 roots of ``spec`` in the scratch buffer (at a 64-byte boundary, so aligned
+    where ``numel`` is a multiple of 16)."""
+    return _LaunchKey.with_state(spec, torch.float32, False, 0, numel)
+
+
 class _Block:
     """Rows of one token (:func:`_blocks`), and what phase 1 leaves for phase 2 about them."""
 
@@ -465,8 +504,7 @@ class _Block:
         self.index = index  # the spec of each row
         self.programs = programs  # the largest grid of its specs: the partials' rows per spec
         self.launches: list[tuple[int, int, _LaunchKey]] = []  # first table row, rows, the kernels' key
-        # staged specs: the spec, then per piece its table row, start, stop, programs and key
-        self.staged: list[tuple[RateSpec, list[tuple[int, int, int, int, _LaunchKey]]]] = []
+        self.staged: list[tuple[int, _StagedLaunch]] = []  # first table row, the launch (see _TritonPass._stage)
         self.out_index: Tensor | None = None  # [rows] int64, self.index on the device
         self.ext: Tensor | None = None  # [rows, 2] fp32 min, max
         self.sum_count: Tensor | None = None  # [rows, 2] fp64 sum, count
@@ -652,16 +690,16 @@ class _TritonPass:
         self.f64 = {"dtype": torch.float64, "device": device}
         self.bucket_index: Tensor | None = None
         self.staged = staged
-        self.scratch: Tensor | None = None  # where a staged state's pieces are filled, one at a time
+        self.scratch: Tensor | None = None  # where staged states are filled, one launch's worth at a time
 
     def blocks(self, tokens: list[Hashable | None]) -> list[_Block]:
         """The blocks, and for all of them one upload of int64 words: the launch tables (a block's rows grouped by
         the kernels they need, one launch per group and phase), then each block's output rows, then each row's
         bucket (``n_buckets`` for none)."""
         blocks = _blocks(tokens, [_grid(spec, self.cap) for spec in self.specs], self.cap)
-        pieces = self._stage(blocks)
+        plans = self._stage(blocks)
         words: list[int] = []
-        for block in blocks:
+        for block, staged in zip(blocks, plans):
             by_key: dict[_LaunchKey, list[int]] = {}
             for r, i in enumerate(block.index):
                 if not self.staged[i]:
@@ -672,17 +710,13 @@ class _TritonPass:
                     spec = self.specs[block.index[r]]
                     words += (spec.fill.flat.data_ptr(), spec.numel, _word(spec.scale), _word(spec.eps), r, 0,
                               block.programs)
-            for r, i in enumerate(block.index):
-                if self.staged[i]:
-                    spec, launches = self.specs[i], []
-                    for start, stop, programs, first in pieces[i]:
-                        assert self.scratch is not None
-                        address = self.scratch.data_ptr()
-                        key = _LaunchKey.with_state(spec, torch.float32, False, address, stop - start)
-                        launches.append((len(words) // _COLUMNS, start, stop, programs, key))
-                        words += (address, stop - start, _word(spec.scale), _word(spec.eps), r, first,
-                                  block.programs)
-                    block.staged.append((spec, launches))
+            for launch in staged:
+                block.staged.append((len(words) // _COLUMNS, launch))
+                for fill, (r, first) in zip(launch.fills, launch.rows):
+                    assert self.scratch is not None
+                    address = self.scratch.data_ptr() + fill.offset * self.scratch.element_size()
+                    words += (address, fill.stop - fill.start, _word(fill.spec.scale), _word(fill.spec.eps), r, first,
+                              block.programs)
         sizes = [len(block.index) for block in blocks]
         n_rows, out_at = sum(sizes), len(words)
         words += (i for block in blocks for i in block.index)
@@ -699,30 +733,57 @@ class _TritonPass:
                 block.buckets = ids
         return blocks
 
-    def _stage(self, blocks: list[_Block]) -> dict[int, list[tuple[int, int, int, int]]]:
-        """The pieces of each staged spec (:func:`_pieces`, over its block's slots), and the scratch buffer they are
-        filled into: as large as the largest piece (the eager pass's chunk, or a larger share of a huge state)."""
-        pieces: dict[int, list[tuple[int, int, int, int]]] = {}
+    def _stage(self, blocks: list[_Block]) -> list[list[_StagedLaunch]]:
+        """The launches of each block's staged specs, and the scratch buffer they are filled
+        into: as large as the largest launch's fills (the eager pass's chunk, or a larger share of a huge state).
+
+        A state larger than the chunk goes in pieces, one launch each (:func:`_pieces`, over its block's slots). The
+        smaller ones that share the kernels' key are filled side by side, each from a 64-byte boundary, and read by
+        one launch of as many table rows, as states read as stored are: a model's many small parameters (biases,
+        norms) cost a launch per phase, not one per parameter."""
         at_least = _stage_elements(self.device)
+        plans: list[list[_StagedLaunch]] = []
         for block in blocks:
-            for i in block.index:
-                if self.staged[i]:
-                    spec = self.specs[i]
-                    pieces[i] = _pieces(spec.numel, max(1, spec.row), block.programs, at_least)
-        if pieces:
-            largest = max(stop - start for found in pieces.values() for start, stop, _, _ in found)
-            self.scratch = torch.empty(max(1, largest), dtype=torch.float32, device=self.device)
-        return pieces
+            launches: list[_StagedLaunch] = []
+            small: dict[_LaunchKey, list[tuple[int, RateSpec]]] = {}
+            for r, i in enumerate(block.index):
+                if not self.staged[i]:
+                    continue
+                spec = self.specs[i]
+                if spec.numel <= at_least:
+                    small.setdefault(_staged_key(spec, spec.numel), []).append((r, spec))
+                    continue
+                for start, stop, programs, first in _pieces(spec.numel, max(1, spec.row), block.programs, at_least):
+                    launches.append(_StagedLaunch([_Fill(spec, start, stop, 0)], [(r, first)], programs,
+                                                  _staged_key(spec, stop - start)))
+            for key, members in small.items():
+                pack: list[tuple[int, _Fill]] = []
+                offset = 0
+                for r, spec in members:
+                    if pack and offset + spec.numel > at_least:
+                        launches.append(_StagedLaunch.pack(pack, block.programs, key))
+                        pack, offset = [], 0
+                    pack.append((r, _Fill(spec, 0, spec.numel, offset)))
+                    offset += -(-spec.numel // 16) * 16  # the next state 64-byte aligned: its loads as keyed
+                launches.append(_StagedLaunch.pack(pack, block.programs, key))
+            plans.append(launches)
+        extent = max((f.offset + f.stop - f.start for found in plans for launch in found for f in launch.fills),
+                     default=0)
+        if any(plans):
+            self.scratch = torch.empty(max(1, extent), dtype=torch.float32, device=self.device)
+        return plans
 
     def _launch_staged(self, block: _Block, kernel: Any, part: Tensor, *args: Any, **kwargs: Any) -> None:
-        """The staged specs' pieces of ``block``, one launch each, each after its fill: the launches of one stream
-        run in order, so the next fill waits for the kernel that reads the scratch before it."""
-        for spec, launches in block.staged:
-            for first, start, stop, programs, key in launches:
-                if stop > start:
+        """The staged launches of ``block``, each after its fills: the launches of one stream run in order, so the
+        next fill waits for the kernel that reads the scratch before it."""
+        for first, launch in block.staged:
+            for fill in launch.fills:
+                if fill.stop > fill.start:
                     assert self.scratch is not None
-                    spec.fill(start, stop, self.scratch[: stop - start])
-                kernel[(programs, 1)](self.table[first:], part, *args, **_constexprs(key), **kwargs)
+                    n = fill.stop - fill.start
+                    fill.spec.fill(fill.start, fill.stop, self.scratch[fill.offset : fill.offset + n])
+            kernel[(launch.programs, len(launch.fills))](self.table[first:], part, *args, **_constexprs(launch.key),
+                                                          **kwargs)
 
     # --- phase 1: min, max, sum, count and counts per octave of every row; the median's octaves ------------------
     def coarse(self, blocks: list[_Block]) -> None:
