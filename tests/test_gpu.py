@@ -233,6 +233,18 @@ def logged_fit(callbacks, steps=6, sync_check=False, cls=torch.optim.AdamW, opt_
     return {k: v for _, m in logger.calls for k, v in m.items() if k.startswith("effective_lr/")}
 
 
+def assert_same_statistics(fused, eager):
+    """The Triton pass's logged statistics against the eager pass's on the same GPU: min, max and median bit for bit
+    (the same correctly rounded rates, the same bins), the mean up to the order of the sums. Four parameters, their
+    module and the group, four statistics each."""
+    assert fused.keys() == eager.keys() and len(fused) == (4 + 1 + 1) * 4
+    for key, value in fused.items():
+        if key.endswith("/mean"):
+            assert value == pytest.approx(eager[key], rel=1e-6), key
+        else:
+            assert value == eager[key], key
+
+
 def test_cuda_monitor_triton_pass_equals_the_eager_pass():
     """The Triton kernels give the eager torch pass's statistics on the same GPU: min, max and median bit for bit
     (the same correctly rounded rates, the same bins), the mean up to the order of the sums."""
@@ -243,12 +255,7 @@ def test_cuda_monitor_triton_pass_equals_the_eager_pass():
     fused = logged_fit([monitor()])
     with el.fused_kernel_disabled():
         eager = logged_fit([monitor()])
-    assert fused.keys() == eager.keys() and len(fused) == (4 + 1 + 1) * 4
-    for key, value in fused.items():
-        if key.endswith("/mean"):
-            assert value == pytest.approx(eager[key], rel=1e-6), key
-        else:
-            assert value == eager[key], key
+    assert_same_statistics(fused, eager)
 
 
 STAGED = {"Adafactor": (torch.optim.Adafactor, {}), "RMSprop centered": (torch.optim.RMSprop, {"centered": True}),
@@ -268,17 +275,15 @@ def test_cuda_staged_formulas_take_the_triton_pass_and_equal_the_eager_pass(name
         eager = logged_fit([monitor()], cls=cls, opt_kwargs=kwargs)
     monkeypatch.setattr(el, "_eager_rate_statistics", lambda *a: pytest.fail("the eager pass ran"))
     fused = logged_fit([monitor()], cls=cls, opt_kwargs=kwargs)
-    assert fused.keys() == eager.keys() and len(fused) == (4 + 1 + 1) * 4
-    for key, value in fused.items():
-        if key.endswith("/mean"):
-            assert value == pytest.approx(eager[key], rel=1e-6), key
-        else:
-            assert value == eager[key], key
+    assert_same_statistics(fused, eager)
 
 
-def test_cuda_logging_steps_do_not_sync_before_the_batch_end():
+@pytest.mark.parametrize("name", ["AdamW", "RMSprop centered", "RAdam capturable"])
+def test_cuda_logging_steps_do_not_sync_before_the_batch_end(name):
     """Both monitors logging at every step: no host-device sync from after backward until the batch's end, where
-    the one transfer of each monitor happens (the sync check is lifted by a callback listed before them)."""
+    the one transfer of each monitor happens (the sync check is lifted by a callback listed before them); with
+    AdamW, and with two optimizers whose rates are staged into the Triton pass (their fills run on the device)."""
+    cls, kwargs = (torch.optim.AdamW, None) if name == "AdamW" else STAGED[name]
 
     class SyncCheck(L.Callback):
         def on_before_optimizer_step(self, trainer, *args):
@@ -290,7 +295,7 @@ def test_cuda_logging_steps_do_not_sync_before_the_batch_end():
 
     try:
         logged_fit([SyncCheck(), WeightDecay(), EffectiveLRMonitor(log_every_n_steps=1, per_parameter=True),
-                    WeightNormMonitor(log_every_n_steps=1, per_parameter=True)])
+                    WeightNormMonitor(log_every_n_steps=1, per_parameter=True)], cls=cls, opt_kwargs=kwargs)
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
