@@ -292,11 +292,14 @@ def monitor_log_cost(log: StepLog, every: int, warmup: int) -> dict[str, float]:
 
 
 def big_model_rows(report: Report, sz: Sizes, device: torch.device, log_dir: str, impl: str = "fused",
-                   dtype: torch.dtype = torch.float32, tag: str = "", with_wnm: bool = True) -> None:
-    """Rows 1, 6 and 7 (``tag`` names the variants of the extras): one fit per configuration."""
+                   dtype: torch.dtype = torch.float32, tag: str = "", with_wnm: bool = True,
+                   optimizer: tuple[str, Callable] | None = None) -> None:
+    """Rows 1, 6 and 7 (``tag`` names the variants of the extras): one fit per configuration, of AdamW(``impl``)
+    or of ``optimizer`` (its name, a function of the parameters), the reference and the monitored fit alike."""
     n = sz.big_width * (sz.big_width + 1) * sz.big_depth
-    what = f"{millions(n)}, AdamW({impl}){', bf16' if dtype == torch.bfloat16 else ''}"
-    fit = lambda cbs: fit_clocked(adam_w(impl), cbs, sz.big_width, sz.big_depth, sz.big_steps,  # noqa: E731
+    name, make_opt = optimizer if optimizer is not None else (f"AdamW({impl})", adam_w(impl))
+    what = f"{millions(n)}, {name}{', bf16' if dtype == torch.bfloat16 else ''}"
+    fit = lambda cbs: fit_clocked(make_opt, cbs, sz.big_width, sz.big_depth, sz.big_steps,  # noqa: E731
                                   device, log_dir, dtype)
     ref = fit([])
     _, ref_plain = split(ref.window, sz.big_every, sz.warmup)
@@ -311,9 +314,9 @@ def big_model_rows(report: Report, sz: Sizes, device: torch.device, log_dir: str
                "aim 0.2", elr)
     report.add(f"1{tag}b", f"EffectiveLRMonitor share of fit time at interval 50 ({what})", extra / (50 * step),
                ".3%", 0.01, f"extra / (50 x {step * 1e3:.2f} ms)")
-    report.add(f"1{tag}c", f"EffectiveLRMonitor non-logging step / AdamW step, one fit each ({what})",
+    report.add(f"1{tag}c", f"EffectiveLRMonitor non-logging step / the optimizer's step, one fit each ({what})",
                elr["step_median_s"] / statistics.median(ref_plain), ".3f", None,
-               f"AdamW {statistics.median(ref_plain) * 1e3:.2f} ms; single fits, see row 3 for the resolved ratio")
+               f"{name} {statistics.median(ref_plain) * 1e3:.2f} ms; single fits, see row 3 for the resolved ratio")
     if not with_wnm:
         return
     wnm_log = fit([WeightNormMonitor(log_every_n_steps=sz.big_every)])
@@ -693,11 +696,16 @@ def profile_rows(report: Report, sz: Sizes, device: torch.device, log_dir: str) 
 
 
 def extras(report: Report, sz: Sizes, device: torch.device, log_dir: str, budget: Budget, needs_s: float) -> None:
-    """The statistics pass's kernel settings (CUDA), row 1 with foreach AdamW, then with a bf16 model, each while
-    the budget lasts."""
+    """The statistics pass's kernel settings (CUDA), row 1 with centered RMSprop (rates staged into the Triton
+    pass), with foreach AdamW, then with a bf16 model, each while the budget lasts."""
     with section(report, budget, "extra: profiles of logging steps, the norms of row 6", needs_s / 3) as ok:
         if ok:
             profile_rows(report, sz, device, log_dir)
+    with section(report, budget, "extra: row 1 with centered RMSprop (staged)", needs_s / 2) as ok:
+        if ok:
+            rmsprop = lambda p: torch.optim.RMSprop(p, lr=1e-4, centered=True, foreach=True)  # noqa: E731
+            big_model_rows(report, sz, device, log_dir, tag="-staged", with_wnm=False,
+                           optimizer=("RMSprop(centered, foreach)", rmsprop))
     if device.type == "cuda":
         with section(report, budget, "extra: the Triton pass's settings", needs_s / 3) as ok:
             if ok:
