@@ -701,6 +701,34 @@ def test_bad_arguments():
         triton_rate_statistics([spec, spec], shards=[None])
 
 
+def test_an_int_scale_beyond_a_double_is_rounded_once_as_torch_rounds_it():
+    """An int that fp64 cannot hold is rounded to fp32 once, as torch rounds an int scalar (2**54 + 2**30 + 1 rounds
+    up to 2**54 + 2**31 there; through fp64 first it would land one fp32 step lower); an int beyond int64, which
+    torch cannot wrap, is left to the eager pass."""
+    v = torch.ones(20, device=DEVICE)
+    big = 2**54 + 2**30 + 1
+    got = triton_rate_statistics([RateSpec(big, 0.0, 20, copy_fill(v), v.device)])
+    assert torch.all(got == float(torch.tensor(big).float())) and torch.all(got == 2**54 + 2**31)
+    with eager_pass():
+        assert torch.equal(rate_statistics([RateSpec(big, 0.0, 20, copy_fill(v), v.device)]), got)
+    assert not triton_accepts(spec_of(v, 2**63), interpret=True) and triton_accepts(spec_of(v, -(2**63)), True)
+
+
+def test_a_state_shorter_than_its_row_is_one_chunk_in_both_passes():
+    """A state of fewer elements than its ``row`` (a formula's row of a 1 x n factor, say) is one fill of all of it
+    in the eager pass, as in the Triton pass; a row below 1 is refused where the spec is made."""
+    u = spread(50, seed=4)
+    # a copy fill: both passes read the same fp32 values (torch's CPU sqrt is not always correctly rounded)
+    spec = RateSpec(1e-3, 1e-8, 50, copy_fill(u), u.device, row=64)
+    got = triton_rate_statistics([spec])
+    with eager_pass():
+        want = rate_statistics([spec])
+    assert_matches(got, reference([reference_rates(u, 1e-3, 1e-8, root=False)]))
+    torch.testing.assert_close(got[:, [0, 1, 3]], want[:, [0, 1, 3]], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="row must be a whole number of elements >= 1, got 0"):
+        RateSpec(1e-3, 1e-8, 50, root_fill(u), u.device, row=0)
+
+
 def test_no_host_read():
     """Nothing is read on the host (``aten._local_scalar_dense``, the op of every ``.item()``, ``bool(t)`` and
     ``float(t)``), on any device, a staged state included; on CUDA also no synchronizing copy (torch's sync debug

@@ -247,7 +247,10 @@ def _accumulate_eager(spec: RateSpec, ext: Tensor, sums: Tensor, scratch: Tensor
     # below this many elements a chunk's counts go straight into the row (`index_add_`): `bincount` fills and adds
     # a count for every possible bin, ~15 us whatever the chunk (benchmarks/stats_pass.py)
     small = 1 << 14
-    step = min(_chunk(spec), scratch.numel() - scratch.numel() % spec.row)
+    room = scratch.numel()
+    if room < spec.numel:  # more than one chunk: each of whole rows (a state of less than a row is one chunk)
+        room -= room % spec.row
+    step = min(_chunk(spec), room)
     if step < 1:
         raise ValueError(f"scratch of {scratch.numel()} elements holds no row of {spec.row}")
     sums[1].add_(spec.numel)

@@ -290,11 +290,8 @@ def _scalar_ok(x: Any, device: torch.device) -> bool:
         return _plain_tensor(x) and x.dim() == 0 and x.dtype in _SCALAR_DTYPES and x.device == device
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return False
-    try:
-        float(x)
-    except OverflowError:  # an int beyond a double
-        return False
-    return True
+    # an int that torch cannot wrap as an int64 scalar: the eager pass says so, rather than the kernels taking it
+    return not isinstance(x, int) or -(2**63) <= x < 2**63
 
 
 def triton_accepts(spec: RateSpec, interpret: bool = False) -> bool:
@@ -432,6 +429,10 @@ def _word(x: Tensor | float) -> int:
     """A scale or eps in a launch table: the address of its 0-dim tensor, or the fp64 bits of a host number."""
     if isinstance(x, Tensor):
         return x.data_ptr()
+    if isinstance(x, int) and abs(x) > 2**53:
+        # rounded once, to fp32, as torch rounds an int scalar (int64 to float): through fp64 first, an int that
+        # fp64 cannot hold would be rounded twice, and could land one fp32 step from the eager pass's
+        x = float(torch.tensor(x, dtype=torch.int64).float())
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 

@@ -60,10 +60,12 @@ class RateSpec:
         fill: ``fill(start, stop, out)`` writes ``sqrt(u)`` of the elements ``start:stop`` (in the order of the
             state's memory, which is all the statistics need) into the fp32 tensor ``out`` of ``stop - start``
             elements. It writes the root rather than ``u`` so that for Adam the read of the state and the square
-            root are one pass (``torch.sqrt(v, out=...)``), and Adamax's ``exp_inf`` goes in as it is.
+            root are one pass (``torch.sqrt(v, out=...)``), and Adamax's ``exp_inf`` goes in as it is. It writes
+            every element of ``out``, and the same roots each time it is asked for the same elements: the Triton
+            pass asks twice (once per phase) for a state it cannot read as stored.
         device: where the state lives and the work happens.
         row: ``fill`` is only asked for whole rows of this many elements (Adafactor's factored second moment is
-            built row by row).
+            built row by row), but for the last, which ends at ``numel``; at least 1.
 
     Example::
 
@@ -80,6 +82,10 @@ class RateSpec:
     fill: Callable[[int, int, Tensor], None]
     device: torch.device
     row: int = 1
+
+    def __post_init__(self) -> None:
+        if self.row < 1:  # a formula's bug: said where it is made, not as a division by zero in a pass
+            raise ValueError(f"RateSpec row must be a whole number of elements >= 1, got {self.row!r}")
 
 
 # --- the pieces of a formula -----------------------------------------------------------------------------------------
