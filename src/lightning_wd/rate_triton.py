@@ -295,8 +295,9 @@ def _scalar_ok(x: Any, device: torch.device) -> bool:
 
 
 def triton_accepts(spec: RateSpec, interpret: bool = False) -> bool:
-    """Whether :func:`triton_rate_statistics` can take ``spec``; where it cannot, the eager pass
-    (:func:`lightning_wd.effective_lr.rate_statistics`) gives the same statistics.
+    """Whether :func:`triton_rate_statistics` can read ``spec``'s state as stored; where it cannot, it may stage it
+    (:func:`triton_stages`), or else the eager pass (:func:`lightning_wd.effective_lr.rate_statistics`) gives the
+    same statistics.
 
     The kernels read the state's memory through a raw pointer, so only what that memory holds as it is qualifies:
     a plain root or copy ``fill`` (no other arithmetic), over a contiguous fp32, bf16 or fp16 tensor of exactly
@@ -318,10 +319,7 @@ def triton_accepts(spec: RateSpec, interpret: bool = False) -> bool:
         return False
     if flat.dim() != 1 or not flat.is_contiguous() or flat.numel() != spec.numel:
         return False
-    device = flat.device
-    if not (device.type == "cuda" or (interpret and device.type == "cpu")) or spec.device != device:
-        return False
-    return _scalar_ok(spec.scale, device) and _scalar_ok(spec.eps, device)
+    return flat.device == spec.device and stageable(spec, interpret)  # the device and scalars a staged spec needs
 
 
 def triton_stages(spec: RateSpec, interpret: bool = False) -> bool:
@@ -340,7 +338,8 @@ def triton_stages(spec: RateSpec, interpret: bool = False) -> bool:
 
 
 def stageable(spec: RateSpec, interpret: bool = False) -> bool:
-    """The part of :func:`triton_stages` that does not ask :func:`triton_accepts` (asked already where it is used)."""
+    """The part of :func:`triton_stages` that does not ask :func:`triton_accepts` (asked already where it is used):
+    a device the kernels run on, and scalars they read; :func:`triton_accepts` needs these too."""
     device = spec.device
     if not HAS_TRITON or not (device.type == "cuda" or (interpret and device.type == "cpu")):
         return False
@@ -754,7 +753,7 @@ class _TritonPass:
                 if spec.numel <= at_least:
                     small.setdefault(_staged_key(spec, spec.numel), []).append((r, spec))
                     continue
-                for start, stop, programs, first in _pieces(spec.numel, max(1, spec.row), block.programs, at_least):
+                for start, stop, programs, first in _pieces(spec.numel, spec.row, block.programs, at_least):
                     launches.append(_StagedLaunch([_Fill(spec, start, stop, 0)], [(r, first)], programs,
                                                   _staged_key(spec, stop - start)))
             for key, members in small.items():
